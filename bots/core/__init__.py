@@ -1,0 +1,1 @@
+"""The conversation domain: standard library only, no platform SDK, no I/O clients."""

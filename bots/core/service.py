@@ -1,0 +1,254 @@
+"""The one conversation flow: load context, ask the model, stream the reply, record it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from bots.core.models import (
+    ConversationKey,
+    Incoming,
+    Notice,
+    NoticeKind,
+    PromptMessage,
+    ReplyPart,
+    Role,
+    Turn,
+    Usage,
+)
+from bots.core.ports import (
+    ChatModel,
+    ContextStore,
+    ModelError,
+    ModelInterrupted,
+    ModelRejected,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+HELP_TEXT = (
+    "Talk to me and I answer, remembering this conversation.\n"
+    "/reset  forget this conversation and start over\n"
+    "/help   show this help"
+)
+
+# Tokens a chat template adds around each message (role markers, separators).
+MESSAGE_OVERHEAD_TOKENS = 8
+SHORTENED_SUFFIX = " [...]"
+
+_NOTICES = {
+    NoticeKind.EMPTY_MESSAGE: "Send me some text and I'll answer.",
+    NoticeKind.MODEL_UNAVAILABLE: (
+        "The model is unavailable right now. Your message is kept; try again in a moment."
+    ),
+    NoticeKind.MODEL_REJECTED: (
+        "The model server refused the request; an operator should check its configuration. "
+        "Your message is kept."
+    ),
+    NoticeKind.REPLY_INTERRUPTED: (
+        "The reply was cut off by the model server. Your message is kept; try again."
+    ),
+    NoticeKind.STORE_UNAVAILABLE: (
+        "I can't reach my conversation memory right now; try again in a moment."
+    ),
+}
+
+
+def notice(kind: NoticeKind, text: str | None = None) -> Notice:
+    """Build the user-facing notice of a kind, with its standard text unless one is given."""
+    return Notice(kind, text if text is not None else _NOTICES[kind])
+
+
+def estimate_tokens(text: str) -> int:
+    """Bound a text's token count from above.
+
+    A byte-level BPE tokenizer (GPT-2 family, SmolLM2, Llama 3, Qwen) never emits more
+    tokens than the text has UTF-8 bytes, so the byte count is a safe upper bound.
+    """
+    return len(text.encode("utf-8", "surrogatepass")) + MESSAGE_OVERHEAD_TOKENS
+
+
+def shorten_to_tokens(text: str, tokens: int) -> str:
+    """Cut `text` so that `estimate_tokens` of the result is at most `tokens`."""
+    budget = tokens - MESSAGE_OVERHEAD_TOKENS - len(SHORTENED_SUFFIX)
+    if budget <= 0:
+        return ""
+    cut = text.encode("utf-8", "surrogatepass")[:budget].decode("utf-8", "ignore")
+    return cut + SHORTENED_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    messages: list[PromptMessage]
+    shortened: bool
+
+
+def render(turn: Turn) -> PromptMessage:
+    """Turn a stored turn into the message the model sees, naming group authors."""
+    if turn.role is Role.USER and turn.name:
+        return PromptMessage(turn.role, f"{turn.name}: {turn.content}")
+    return PromptMessage(turn.role, turn.content)
+
+
+def build_prompt(
+    system_prompt: str, history: Sequence[Turn], new: Turn, *, budget_tokens: int
+) -> Prompt:
+    """Fit the system prompt, the newest history and the new turn into a token budget.
+
+    The new message is shortened when it cannot fit on its own; history is dropped
+    oldest first.
+    """
+    system = [PromptMessage(Role.SYSTEM, system_prompt)] if system_prompt else []
+    left = budget_tokens - sum(estimate_tokens(m.content) for m in system)
+    current = render(new)
+    shortened = estimate_tokens(current.content) > left
+    if shortened:
+        current = PromptMessage(current.role, shorten_to_tokens(current.content, left))
+    left -= estimate_tokens(current.content)
+    kept: list[PromptMessage] = []
+    for turn in reversed(history):
+        message = render(turn)
+        left -= estimate_tokens(message.content)
+        if left < 0:
+            break
+        kept.append(message)
+    kept.reverse()
+    return Prompt([*system, *kept, current], shortened)
+
+
+class KeyedLocks:
+    """One FIFO lock per key, forgotten once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._entries.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._entries[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._entries[key]
+            if users == 1:
+                del self._entries[key]
+            else:
+                self._entries[key] = (lock, users - 1)
+
+
+class ConversationService:
+    """Answer incoming messages with the model, keeping each conversation's context.
+
+    Messages of one conversation are answered one at a time, in arrival order;
+    different conversations proceed concurrently.
+    """
+
+    def __init__(
+        self,
+        store: ContextStore,
+        model: ChatModel,
+        *,
+        system_prompt: str = "",
+        reply_tokens: int = 512,
+    ) -> None:
+        self._store = store
+        self._model = model
+        self._system_prompt = system_prompt
+        self._reply_tokens = reply_tokens
+        self._locks = KeyedLocks()
+
+    @property
+    def active_conversations(self) -> int:
+        return len(self._locks)
+
+    async def reset(self, key: ConversationKey) -> None:
+        """Forget a conversation; raises StoreUnavailable when the store is down."""
+        async with self._locks.hold(key):
+            await self._store.clear(key)
+
+    async def history(self, key: ConversationKey) -> list[Turn]:
+        """Return a conversation's stored turns, oldest first."""
+        return await self._store.load(key)
+
+    async def respond(self, incoming: Incoming) -> AsyncIterator[ReplyPart]:
+        """Stream the reply to a message: model text deltas, and notices from Parley.
+
+        Consume it to the end or close it (`contextlib.aclosing`): the conversation
+        stays locked while the stream is open.
+        """
+        if not incoming.text.strip():
+            yield notice(NoticeKind.EMPTY_MESSAGE)
+            return
+        name = incoming.author.display_name if incoming.in_group and incoming.author else None
+        user_turn = Turn(Role.USER, incoming.text, name=name)
+        async with self._locks.hold(incoming.key):
+            try:
+                history = await self._store.load(incoming.key)
+                budget = await self._model.context_window() - self._reply_tokens
+            except StoreUnavailable:
+                log.warning("context store unavailable", extra={"conversation": str(incoming.key)})
+                yield notice(NoticeKind.STORE_UNAVAILABLE)
+                return
+            except ModelError as error:
+                await self._keep_user_turn(incoming.key, user_turn)
+                yield self._model_notice(error)
+                return
+            prompt = build_prompt(self._system_prompt, history, user_turn, budget_tokens=budget)
+            if prompt.shortened:
+                yield notice(
+                    NoticeKind.MESSAGE_SHORTENED,
+                    "Your message is longer than I can read at once; I read only its beginning.",
+                )
+            async for part in self._stream_and_record(incoming.key, user_turn, prompt):
+                yield part
+
+    async def _stream_and_record(
+        self, key: ConversationKey, user_turn: Turn, prompt: Prompt
+    ) -> AsyncIterator[ReplyPart]:
+        pieces: list[str] = []
+        usage: Usage | None = None
+        try:
+            async for chunk in self._model.stream(prompt.messages, session=str(key)):
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield chunk.text
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except ModelError as error:
+            await self._keep_user_turn(key, user_turn)
+            yield self._model_notice(error)
+            return
+        reply = Turn(Role.ASSISTANT, "".join(pieces), usage=usage)
+        try:
+            await self._store.append(key, user_turn, reply)
+        except StoreUnavailable:
+            log.warning("reply not recorded: store unavailable", extra={"conversation": str(key)})
+            yield notice(
+                NoticeKind.STORE_UNAVAILABLE,
+                "I couldn't save this exchange, so I may not remember it.",
+            )
+
+    async def _keep_user_turn(self, key: ConversationKey, user_turn: Turn) -> None:
+        try:
+            await self._store.append(key, user_turn)
+        except StoreUnavailable:
+            log.warning("user turn not recorded: store unavailable", extra={"conversation": str(key)})
+
+    @staticmethod
+    def _model_notice(error: ModelError) -> Notice:
+        log.warning("model call failed: %s", error)
+        if isinstance(error, ModelRejected):
+            return notice(NoticeKind.MODEL_REJECTED)
+        if isinstance(error, ModelInterrupted):
+            return notice(NoticeKind.REPLY_INTERRUPTED)
+        return notice(NoticeKind.MODEL_UNAVAILABLE)

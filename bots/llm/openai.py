@@ -1,0 +1,131 @@
+"""ChatModel over an OpenAI-compatible server (vLLM's, or any other) with `AsyncOpenAI`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import openai
+from openai import AsyncOpenAI
+
+from bots.core.models import Chunk, PromptMessage, Usage
+from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_TOKENS = 4096
+FIRST_BACKOFF_S = 0.25
+SESSION_HEADER = "X-Session-ID"
+
+# Worth another try: the server is down, slow to accept, overloaded or restarting.
+RETRYABLE = (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)
+
+
+def timeouts(*, connect: float, read: float) -> httpx.Timeout:
+    """Build the client's timeouts: a short connect, a read long enough for a busy engine."""
+    return httpx.Timeout(read, connect=connect)
+
+
+def _mapped(error: openai.OpenAIError) -> ModelUnavailable | ModelRejected:
+    if isinstance(error, RETRYABLE):
+        return ModelUnavailable(f"model server unavailable: {error}")
+    return ModelRejected(f"model server refused the request: {error}")
+
+
+class OpenAIChatModel:
+    """Stream chat completions, retrying only until the reply has started.
+
+    Args:
+        client: an `AsyncOpenAI` client; build it with `max_retries=0`, retries are ours.
+        model: the served model name.
+        reply_tokens: the most tokens one reply may have.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        retry_deadline: seconds spent retrying a request that has not started.
+        context_tokens: the model's context length; unset asks the server.
+    """
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        *,
+        model: str,
+        reply_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        retry_deadline: float = 4.0,
+        context_tokens: int | None = None,
+    ) -> None:
+        self._client = client
+        self._model = model
+        self._reply_tokens = reply_tokens
+        self._temperature = temperature
+        self._top_p = top_p
+        self._retry_deadline = retry_deadline
+        self._context_tokens = context_tokens
+
+    async def context_window(self) -> int:
+        """Return the context length: configured, or the served model's `max_model_len`."""
+        if self._context_tokens is None:
+            self._context_tokens = await self._served_context_length()
+        return self._context_tokens
+
+    async def _served_context_length(self) -> int:
+        try:
+            page = await self._client.models.list()
+        except openai.OpenAIError as error:
+            raise _mapped(error) from error
+        for card in page.data:
+            if card.id == self._model:
+                length = (card.model_extra or {}).get("max_model_len")
+                if isinstance(length, int) and length > 0:
+                    return length
+        log.warning("server gave no context length for %s; assuming %d", self._model, DEFAULT_CONTEXT_TOKENS)
+        return DEFAULT_CONTEXT_TOKENS
+
+    async def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:
+        events = await self._open(prompt, session)
+        started = False
+        try:
+            async for event in events:
+                if event.usage is not None:
+                    usage = Usage(event.usage.prompt_tokens, event.usage.completion_tokens)
+                    yield Chunk(usage=usage)
+                for choice in event.choices:
+                    if choice.delta.content:
+                        started = True
+                        yield Chunk(text=choice.delta.content)
+        except (openai.OpenAIError, httpx.HTTPError) as error:
+            if started:
+                raise ModelInterrupted(f"reply stream broke: {error}") from error
+            raise ModelUnavailable(f"reply stream failed before it started: {error}") from error
+        finally:
+            await events.close()
+
+    async def _open(self, prompt: Sequence[PromptMessage], session: str) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_deadline
+        backoff = FIRST_BACKOFF_S
+        while True:
+            try:
+                return await self._client.chat.completions.create(
+                    model=self._model,
+                    messages=[{"role": m.role.value, "content": m.content} for m in prompt],  # type: ignore[misc]
+                    max_tokens=self._reply_tokens,
+                    temperature=self._temperature,
+                    top_p=self._top_p,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={SESSION_HEADER: session},
+                )
+            except RETRYABLE as error:
+                if loop.time() + backoff > deadline:
+                    raise _mapped(error) from error
+                log.info("model server not ready (%s); retrying in %.2fs", error, backoff)
+                await asyncio.sleep(backoff)
+                backoff *= 2
+            except openai.OpenAIError as error:
+                raise _mapped(error) from error

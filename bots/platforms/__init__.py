@@ -1,0 +1,1 @@
+"""Platform adapters: translate platform events into the core's types and delegate."""

@@ -1,0 +1,102 @@
+"""Resources the composition root opens: Redis (given or embedded), the local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from redis.asyncio import Redis
+
+from bots.settings import RedisSettings
+from bots.store.embedded import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 2.0
+ENGINE_START_TIMEOUT_S = 900.0
+ENGINE_STOP_TIMEOUT_S = 30.0
+
+
+@asynccontextmanager
+async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[Redis]:
+    """Connect to REDIS_URL, or to an embedded Redis persisting under `data_dir/redis`."""
+    embedded = None if settings.url else EmbeddedRedis(data_dir / "redis")
+    url = settings.url.get_secret_value() if settings.url else await embedded.start()  # type: ignore[union-attr]
+    client = Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def health_url(base_url: str) -> str:
+    """Map an OpenAI-compatible base URL (…/v1) to vLLM's /health."""
+    return base_url.rstrip("/").removesuffix("/v1") + "/health"
+
+
+async def is_healthy(base_url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            return (await client.get(health_url(base_url))).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class EngineStartError(RuntimeError):
+    """The local inference service exited or did not become healthy in time."""
+
+
+@asynccontextmanager
+async def local_inference(
+    base_url: str, log_path: Path, *, timeout: float = ENGINE_START_TIMEOUT_S
+) -> AsyncIterator[None]:
+    """Run `python -m inference serve` until the block ends; reuse one already healthy.
+
+    Its output goes to `log_path`, so the console stays readable.
+    """
+    if await is_healthy(base_url):
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "inference", "serve",
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=os.environ.copy(),
+        )  # fmt: skip
+    try:
+        await _wait_healthy(process, base_url, log_path, timeout)
+        yield
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), ENGINE_STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _wait_healthy(
+    process: asyncio.subprocess.Process, base_url: str, log_path: Path, timeout: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await is_healthy(base_url):
+        if process.returncode is not None:
+            raise EngineStartError(f"the inference service exited; see {log_path}")
+        if loop.time() > deadline:
+            raise EngineStartError(f"the inference service was not ready in {timeout:.0f} s; see {log_path}")
+        await asyncio.sleep(1.0)

@@ -1,0 +1,89 @@
+"""Configuration of the bot process, from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+class RedisSettings(BaseModel):
+    url: SecretStr | None = Field(
+        default=None, description="redis:// or rediss:// URL; unset runs an embedded Redis."
+    )
+    key_prefix: str = Field(default="parley", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    context_max_turns: int = Field(default=200, ge=2)
+    context_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+
+
+class LLMSettings(BaseModel):
+    base_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible base URL, e.g. http://inference:8000/v1; "
+        "unset starts the local inference service.",
+    )
+    api_key: SecretStr = SecretStr("")
+    model: str = "parley"
+    reply_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    context_tokens: int | None = Field(default=None, ge=64)
+    connect_timeout: float = Field(default=3.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    retry_deadline: float = Field(default=4.0, ge=0)
+
+
+class ChatSettings(BaseModel):
+    system_prompt: str = Field(
+        default="", description="Empty keeps the model's own default system prompt."
+    )
+
+
+class ConsoleSettings(BaseModel):
+    conversation: str = Field(default="local", min_length=1)
+
+
+class BotSettings(BaseSettings):
+    """Everything the bot process reads; variables are named SECTION_FIELD, e.g. REDIS_URL."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+    )
+
+    data_dir: Path = Path("data")
+    log_level: str = Field(default="WARNING", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    redis: RedisSettings = RedisSettings()
+    llm: LLMSettings = LLMSettings()
+    chat: ChatSettings = ChatSettings()
+    console: ConsoleSettings = ConsoleSettings()
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; the message names each bad variable."""
+
+
+Settings = TypeVar("Settings", bound=BaseSettings)
+
+
+def env_name(settings: type[BaseSettings], loc: tuple[int | str, ...]) -> str:
+    """Name the environment variable behind an error location."""
+    field = settings.model_fields.get(str(loc[0]))
+    alias = field.validation_alias if field else None
+    if isinstance(alias, str):
+        return alias.upper()
+    prefix = settings.model_config.get("env_prefix", "")
+    return (prefix + "_".join(str(part) for part in loc)).upper()
+
+
+def load_settings(settings: type[Settings]) -> Settings:
+    """Read settings, turning validation errors into one line per variable (values never shown)."""
+    try:
+        return settings()
+    except ValidationError as error:
+        lines = [f"  {env_name(settings, e['loc'])}: {e['msg']}" for e in error.errors()]
+        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None

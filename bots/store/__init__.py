@@ -1,0 +1,1 @@
+"""Conversation context kept in Redis."""

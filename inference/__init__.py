@@ -1,0 +1,1 @@
+"""Parley's inference service: vLLM's OpenAI-compatible server, configured by Parley."""

