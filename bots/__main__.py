@@ -14,7 +14,6 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 from openai import AsyncOpenAI
 
@@ -42,7 +41,9 @@ async def conversation_service(settings: BotSettings) -> AsyncIterator[Conversat
             base_url, model_name = engine.base_url, engine.served_model_name
             if engine.api_key is not None:
                 api_key = engine.api_key.get_secret_value()
-            print("Starting the local model (the first start takes a few minutes)...", file=sys.stderr)
+            print(
+                "Starting the local model (the first start takes a few minutes)...", file=sys.stderr
+            )
             await stack.enter_async_context(
                 local_inference(base_url, settings.data_dir / "logs" / "inference.log")
             )
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parley: {error}", file=sys.stderr)
         return 2
     configure_logging(settings, to_file=True)
+    # `run` starts the platform bots whose tokens are set; none is configured here yet,
+    # so both commands open the console chat.
+    runners = {"run": run_console, "console": run_console}
     try:
-        asyncio.run(run_console(settings))
+        asyncio.run(runners[args.command](settings))
     except (SettingsError, EngineStartError, EmbeddedRedisError) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1

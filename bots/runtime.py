@@ -61,7 +61,7 @@ class EngineStartError(RuntimeError):
 
 @asynccontextmanager
 async def local_inference(
-    base_url: str, log_path: Path, *, timeout: float = ENGINE_START_TIMEOUT_S
+    base_url: str, log_path: Path, *, ready_within: float = ENGINE_START_TIMEOUT_S
 ) -> AsyncIterator[None]:
     """Run `python -m inference serve` until the block ends; reuse one already healthy.
 
@@ -77,7 +77,7 @@ async def local_inference(
             stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=os.environ.copy(),
         )  # fmt: skip
     try:
-        await _wait_healthy(process, base_url, log_path, timeout)
+        await _wait_healthy(process, base_url, log_path, ready_within)
         yield
     finally:
         if process.returncode is None:
@@ -90,13 +90,15 @@ async def local_inference(
 
 
 async def _wait_healthy(
-    process: asyncio.subprocess.Process, base_url: str, log_path: Path, timeout: float
+    process: asyncio.subprocess.Process, base_url: str, log_path: Path, ready_within: float
 ) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + ready_within
     while not await is_healthy(base_url):
         if process.returncode is not None:
             raise EngineStartError(f"the inference service exited; see {log_path}")
         if loop.time() > deadline:
-            raise EngineStartError(f"the inference service was not ready in {timeout:.0f} s; see {log_path}")
+            raise EngineStartError(
+                f"the inference service was not ready in {ready_within:.0f} s; see {log_path}"
+            )
         await asyncio.sleep(1.0)

@@ -8,6 +8,7 @@ from typing import TypeVar
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+
 class RedisSettings(BaseModel):
     url: SecretStr | None = Field(
         default=None, description="redis:// or rediss:// URL; unset runs an embedded Redis."

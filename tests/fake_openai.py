@@ -47,7 +47,15 @@ class Recorded:
     body: Any
 
 
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -105,33 +113,50 @@ class FakeOpenAI:
             return True
         behaviour = self.script[min(self._served, len(self.script) - 1)]
         self._served += 1
-        if isinstance(behaviour, Hang):
-            await asyncio.Event().wait()
+        if isinstance(behaviour, Reply):
+            return await self._stream(writer, behaviour)
         if isinstance(behaviour, Status):
-            error = {"error": {"message": behaviour.message, "type": "error", "code": behaviour.code}}
+            error = {"error": {"message": behaviour.message, "code": behaviour.code}}
             await self._send_json(writer, behaviour.code, error)
             return True
-        return await self._stream(writer, behaviour)
+        await asyncio.Event().wait()  # Hang: never answer
+        return False
 
     async def _send_json(self, writer: asyncio.StreamWriter, code: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
-        head = f"HTTP/1.1 {code} {REASONS.get(code, 'Status')}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+        head = (
+            f"HTTP/1.1 {code} {REASONS.get(code, 'Status')}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+        )
         writer.write(head.encode() + data)
         await writer.drain()
 
     async def _stream(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        pieces = [reply.text[i : i + reply.chunk_chars] for i in range(0, len(reply.text), reply.chunk_chars)]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        pieces = [
+            reply.text[i : i + reply.chunk_chars]
+            for i in range(0, len(reply.text), reply.chunk_chars)
+        ]
         for index, piece in enumerate(pieces):
             if reply.drop_after is not None and index == reply.drop_after:
                 writer.transport.abort()
                 return False
             if reply.delay:
                 await asyncio.sleep(reply.delay)
-            self._event(writer, {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            self._event(
+                writer,
+                {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]},
+            )
             await writer.drain()
         self._event(writer, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
+        usage = {
+            "prompt_tokens": 10,
+            "completion_tokens": len(pieces),
+            "total_tokens": 10 + len(pieces),
+        }
         self._event(writer, {"choices": [], "usage": usage})
         self._chunk(writer, b"data: [DONE]\n\n")
         self._chunk(writer, b"")
@@ -139,7 +164,13 @@ class FakeOpenAI:
         return True
 
     def _event(self, writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
-        event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model, **payload}
+        event = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": self.model,
+            **payload,
+        }
         self._chunk(writer, f"data: {json.dumps(event)}\n\n".encode())
 
     @staticmethod

@@ -55,7 +55,9 @@ class ScriptedModel:
     async def context_window(self) -> int:
         return self.window
 
-    async def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, prompt: Sequence[PromptMessage], *, session: str
+    ) -> AsyncIterator[Chunk]:
         self.prompts.append(list(prompt))
         if session in self.gates:
             await self.gates[session].wait()
@@ -66,4 +68,8 @@ class ScriptedModel:
             if self.delay:
                 await asyncio.sleep(self.delay)
             yield Chunk(text=word if index == 0 else " " + word)
-        yield Chunk(usage=Usage(prompt_tokens=sum(len(m.content) for m in prompt), completion_tokens=len(words)))
+        yield Chunk(
+            usage=Usage(
+                prompt_tokens=sum(len(m.content) for m in prompt), completion_tokens=len(words)
+            )
+        )

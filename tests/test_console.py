@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 from bots.core.models import Author, ConversationKey, Role
 from bots.core.service import ConversationService
@@ -14,10 +14,10 @@ KEY = ConversationKey("console", "me")
 
 
 def lines(*typed: str) -> ReadLine:
-    queue: Iterable[str] = iter(typed)
+    queue: Iterator[str | None] = iter(typed)
 
     async def read() -> str | None:
-        return next(queue, None)  # type: ignore[call-overload]
+        return next(queue, None)
 
     return read
 
@@ -25,7 +25,9 @@ def lines(*typed: str) -> ReadLine:
 async def run(store: MemoryStore, *typed: str) -> str:
     out = io.StringIO()
     service = ConversationService(store, ScriptedModel())
-    await ConsoleChat(service, KEY, author=Author("me", "me"), read_line=lines(*typed), out=out).run()
+    await ConsoleChat(
+        service, KEY, author=Author("me", "me"), read_line=lines(*typed), out=out
+    ).run()
     return out.getvalue()
 
 

@@ -5,16 +5,26 @@ from __future__ import annotations
 import asyncio
 from contextlib import aclosing
 
-from bots.core.models import Author, ConversationKey, Incoming, Notice, NoticeKind, ReplyPart, Role
-from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.models import (
+    Author,
+    ConversationKey,
+    Incoming,
+    Notice,
+    NoticeKind,
+    ReplyPart,
+    Role,
+    Turn,
+)
+from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable, StoreUnavailable
 from bots.core.service import ConversationService, build_prompt, estimate_tokens
-from bots.core.models import Turn
 from tests.fakes import MemoryStore, ScriptedModel
 
 KEY = ConversationKey("test", "chan")
 
 
-def make(model: ScriptedModel | None = None, **options: int) -> tuple[ConversationService, MemoryStore, ScriptedModel]:
+def make(
+    model: ScriptedModel | None = None, **options: int
+) -> tuple[ConversationService, MemoryStore, ScriptedModel]:
     store, model = MemoryStore(), model or ScriptedModel()
     return ConversationService(store, model, system_prompt="Be brief.", **options), store, model
 
@@ -38,7 +48,10 @@ async def test_reply_streams_and_both_turns_are_recorded() -> None:
     assert len([p for p in parts if isinstance(p, str)]) > 1, "the reply arrives in pieces"
     assert text_of(parts) == "echo 2: hello"
     turns = store.turns[KEY]
-    assert [(t.role, t.content) for t in turns] == [(Role.USER, "hello"), (Role.ASSISTANT, "echo 2: hello")]
+    assert [(t.role, t.content) for t in turns] == [
+        (Role.USER, "hello"),
+        (Role.ASSISTANT, "echo 2: hello"),
+    ]
     assert turns[1].usage is not None and turns[1].usage.completion_tokens == 3
 
 
@@ -66,13 +79,18 @@ async def test_one_conversation_is_answered_in_arrival_order() -> None:
     first = asyncio.create_task(collect(service, Incoming(KEY, "first")))
     second = asyncio.create_task(collect(service, Incoming(KEY, "second")))
     await asyncio.gather(first, second)
-    assert [t.content for t in store.turns[KEY]] == ["first", "echo 2: first", "second", "echo 4: second"]
+    assert [t.content for t in store.turns[KEY]] == [
+        "first",
+        "echo 2: first",
+        "second",
+        "echo 4: second",
+    ]
     assert model.prompts[1][-2].content == "echo 2: first", "the second saw the first's reply"
 
 
 async def test_other_conversations_do_not_wait_for_a_slow_one() -> None:
     model = ScriptedModel(gates={str(KEY): asyncio.Event()})
-    service, store, _ = make(model)
+    service, _, _ = make(model)
     slow = asyncio.create_task(collect(service, Incoming(KEY, "slow")))
     other = ConversationKey("test", "other")
     parts = await asyncio.wait_for(collect(service, Incoming(other, "quick")), 1.0)
@@ -111,13 +129,11 @@ async def test_store_down_answers_with_a_notice_and_recovers() -> None:
 
 
 async def test_reply_that_cannot_be_saved_is_still_delivered_with_a_notice() -> None:
-    service, store, _ = make()
+    class ReadOnlyStore(MemoryStore):
+        async def append(self, key: ConversationKey, *turns: Turn) -> None:
+            raise StoreUnavailable("read-only replica")
 
-    async def failing_append(*_: object) -> None:
-        store.down = True
-        store._check()
-
-    store.append = failing_append  # type: ignore[method-assign]
+    service = ConversationService(ReadOnlyStore(), ScriptedModel())
     parts = await collect(service, Incoming(KEY, "hi"))
     assert text_of(parts) == "echo 2: hi" and notices(parts) == [NoticeKind.STORE_UNAVAILABLE]
 
@@ -135,7 +151,9 @@ async def test_history_is_dropped_oldest_first_to_fit() -> None:
     contents = [m.content for m in prompt.messages]
     assert contents[-1] == "new" and not prompt.shortened
     assert sum(estimate_tokens(c) for c in contents) <= 500
-    assert contents[:-1] == [t.content for t in history[-len(contents) + 1 :]], "a suffix of history"
+    assert contents[:-1] == [t.content for t in history[-len(contents) + 1 :]], (
+        "a suffix of history"
+    )
 
 
 async def test_group_messages_name_their_authors() -> None:
@@ -148,7 +166,7 @@ async def test_group_messages_name_their_authors() -> None:
 
 
 async def test_closing_a_reply_early_releases_the_conversation() -> None:
-    service, store, _ = make(ScriptedModel(delay=0.01))
+    service, _, _ = make(ScriptedModel(delay=0.01))
     async with aclosing(service.respond(Incoming(KEY, "long answer please"))) as parts:
         async for _ in parts:
             break

@@ -46,7 +46,7 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
     os.environ.update(settings)
     try:
         log_path = tmp_path_factory.mktemp("engine") / "inference.log"
-        async with local_inference(base_url, log_path, timeout=600):
+        async with local_inference(base_url, log_path, ready_within=600):
             yield base_url
     finally:
         for name, value in saved.items():

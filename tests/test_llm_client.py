@@ -12,14 +12,17 @@ from bots.core.models import Chunk, PromptMessage, Role, Usage
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
 from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, timeouts
 from tests.conftest import free_port
-from tests.fake_openai import FakeOpenAI, Hang, Reply, Status
+from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status
 
 PROMPT = [PromptMessage(Role.SYSTEM, "sys"), PromptMessage(Role.USER, "hi")]
 
 
 def model_for(base_url: str, *, read: float = 5.0, retry_deadline: float = 1.0) -> OpenAIChatModel:
     client = AsyncOpenAI(
-        base_url=base_url, api_key="test-key", max_retries=0, timeout=timeouts(connect=1.0, read=read)
+        base_url=base_url,
+        api_key="test-key",
+        max_retries=0,
+        timeout=timeouts(connect=1.0, read=read),
     )
     return OpenAIChatModel(client, model="parley", reply_tokens=64, retry_deadline=retry_deadline)
 
@@ -54,9 +57,11 @@ async def test_context_window_comes_from_the_server() -> None:
 
 
 async def test_server_errors_are_retried_before_the_first_token() -> None:
-    script = [Status(503), Status(500), Reply("ok")]
+    script: list[Behaviour] = [Status(503), Status(500), Reply("ok")]
     async with FakeOpenAI(script) as server:
-        texts, _ = await drain(model_for(server.base_url, retry_deadline=3.0).stream(PROMPT, session="s"))
+        texts, _ = await drain(
+            model_for(server.base_url, retry_deadline=3.0).stream(PROMPT, session="s")
+        )
     assert "".join(texts) == "ok" and len(server.completions()) == 3
 
 
@@ -89,12 +94,18 @@ async def test_a_silent_server_times_out_as_unavailable() -> None:
     async with FakeOpenAI([Hang()]) as server:
         started = time.monotonic()
         with pytest.raises(ModelUnavailable):
-            await drain(model_for(server.base_url, read=0.5, retry_deadline=0).stream(PROMPT, session="s"))
+            await drain(
+                model_for(server.base_url, read=0.5, retry_deadline=0).stream(PROMPT, session="s")
+            )
     assert time.monotonic() - started < 2.0
 
 
 async def test_nothing_listening_is_unavailable_within_five_seconds() -> None:
     started = time.monotonic()
     with pytest.raises(ModelUnavailable):
-        await drain(model_for(f"http://127.0.0.1:{free_port()}/v1", retry_deadline=4.0).stream(PROMPT, session="s"))
+        await drain(
+            model_for(f"http://127.0.0.1:{free_port()}/v1", retry_deadline=4.0).stream(
+                PROMPT, session="s"
+            )
+        )
     assert time.monotonic() - started < 5.0

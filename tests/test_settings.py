@@ -25,7 +25,9 @@ def test_sections_read_section_underscore_field(monkeypatch: pytest.MonkeyPatch)
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
 
 
-def test_a_bad_value_names_its_variable_and_hides_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_value_names_its_variable_and_hides_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("REDIS_CONTEXT_TTL_SECONDS", "forever-secret")
     monkeypatch.setenv("LLM_TEMPERATURE", "9")
     with pytest.raises(SettingsError) as caught:
@@ -46,7 +48,7 @@ def test_the_api_key_never_reaches_the_command_line() -> None:
     launch = engine_launch(settings, "/models/m", "cpu")
     assert not any("sk-very-secret" in arg for arg in launch.argv)
     assert launch.env["VLLM_API_KEY"] == "sk-very-secret"
-    assert ["--dtype", "float32"] == launch.argv[launch.argv.index("--dtype") :][:2]
+    assert launch.argv[launch.argv.index("--dtype") :][:2] == ["--dtype", "float32"]
     assert "--enforce-eager" in launch.argv and launch.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
@@ -60,8 +62,13 @@ def test_start_up_with_a_bad_value_exits_non_zero_without_a_traceback(tmp_path: 
     env = {**os.environ, "LLM_REPLY_TOKENS": "lots", "LLM_API_KEY": "sk-should-not-print"}
     result = subprocess.run(
         [sys.executable, "-m", "bots", "console"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 2
     assert "LLM_REPLY_TOKENS" in result.stderr and "Traceback" not in result.stderr
     assert "sk-should-not-print" not in result.stderr + result.stdout

@@ -99,7 +99,7 @@ async def test_an_unreadable_record_is_skipped_not_fatal(
     store: RedisContextStore, redis_client: Redis
 ) -> None:
     await store.append(KEY, Turn(Role.USER, "before"))
-    await redis_client.rpush(store.redis_key(KEY), b"\xff not json")  # type: ignore[misc]
+    await redis_client.rpush(store.redis_key(KEY), b"\xff not json")
     await store.append(KEY, Turn(Role.ASSISTANT, "after"))
     assert [t.content for t in await store.load(KEY)] == ["before", "after"]
 

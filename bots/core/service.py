@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -180,7 +180,7 @@ class ConversationService:
         """Return a conversation's stored turns, oldest first."""
         return await self._store.load(key)
 
-    async def respond(self, incoming: Incoming) -> AsyncIterator[ReplyPart]:
+    async def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         """Stream the reply to a message: model text deltas, and notices from Parley.
 
         Consume it to the end or close it (`contextlib.aclosing`): the conversation
@@ -214,7 +214,7 @@ class ConversationService:
 
     async def _stream_and_record(
         self, key: ConversationKey, user_turn: Turn, prompt: Prompt
-    ) -> AsyncIterator[ReplyPart]:
+    ) -> AsyncGenerator[ReplyPart, None]:
         pieces: list[str] = []
         usage: Usage | None = None
         try:
@@ -242,7 +242,9 @@ class ConversationService:
         try:
             await self._store.append(key, user_turn)
         except StoreUnavailable:
-            log.warning("user turn not recorded: store unavailable", extra={"conversation": str(key)})
+            log.warning(
+                "user turn not recorded: store unavailable", extra={"conversation": str(key)}
+            )
 
     @staticmethod
     def _model_notice(error: ModelError) -> Notice:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
-import httpx
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from bots.core.models import Chunk, PromptMessage, Usage
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
@@ -24,9 +23,14 @@ SESSION_HEADER = "X-Session-ID"
 RETRYABLE = (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)
 
 
-def timeouts(*, connect: float, read: float) -> httpx.Timeout:
+def timeouts(*, connect: float, read: float) -> openai.Timeout:
     """Build the client's timeouts: a short connect, a read long enough for a busy engine."""
-    return httpx.Timeout(read, connect=connect)
+    return openai.Timeout(read, connect=connect)
+
+
+def as_message(message: PromptMessage) -> ChatCompletionMessageParam:
+    """Build the wire form of a prompt message."""
+    return {"role": message.role.value, "content": message.content}  # type: ignore[return-value,misc]
 
 
 def _mapped(error: openai.OpenAIError) -> ModelUnavailable | ModelRejected:
@@ -83,10 +87,14 @@ class OpenAIChatModel:
                 length = (card.model_extra or {}).get("max_model_len")
                 if isinstance(length, int) and length > 0:
                     return length
-        log.warning("server gave no context length for %s; assuming %d", self._model, DEFAULT_CONTEXT_TOKENS)
+        log.warning(
+            "server gave no context length for %s; assuming %d", self._model, DEFAULT_CONTEXT_TOKENS
+        )
         return DEFAULT_CONTEXT_TOKENS
 
-    async def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, prompt: Sequence[PromptMessage], *, session: str
+    ) -> AsyncIterator[Chunk]:
         events = await self._open(prompt, session)
         started = False
         try:
@@ -98,14 +106,16 @@ class OpenAIChatModel:
                     if choice.delta.content:
                         started = True
                         yield Chunk(text=choice.delta.content)
-        except (openai.OpenAIError, httpx.HTTPError) as error:
+        except openai.OpenAIError as error:
             if started:
                 raise ModelInterrupted(f"reply stream broke: {error}") from error
             raise ModelUnavailable(f"reply stream failed before it started: {error}") from error
         finally:
             await events.close()
 
-    async def _open(self, prompt: Sequence[PromptMessage], session: str) -> Any:
+    async def _open(
+        self, prompt: Sequence[PromptMessage], session: str
+    ) -> AsyncStream[ChatCompletionChunk]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_deadline
         backoff = FIRST_BACKOFF_S
@@ -113,7 +123,7 @@ class OpenAIChatModel:
             try:
                 return await self._client.chat.completions.create(
                     model=self._model,
-                    messages=[{"role": m.role.value, "content": m.content} for m in prompt],  # type: ignore[misc]
+                    messages=[as_message(m) for m in prompt],
                     max_tokens=self._reply_tokens,
                     temperature=self._temperature,
                     top_p=self._top_p,

@@ -9,10 +9,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import TextIO
 
-from bots.core.models import Author, ConversationKey, Incoming, Notice
+from bots.core.models import Author, ConversationKey, Incoming, Notice, NoticeKind
 from bots.core.ports import StoreUnavailable
 from bots.core.service import HELP_TEXT, ConversationService, notice
-from bots.core.models import NoticeKind
 
 ReadLine = Callable[[], Awaitable[str | None]]
 

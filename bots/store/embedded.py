@@ -41,7 +41,7 @@ def redis_server_binary() -> str:
 async def _responds(url: str) -> bool:
     client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
-        return bool(await client.ping())  # type: ignore[misc]
+        return bool(await client.ping())
     except (RedisError, OSError):
         return False
     finally:

@@ -68,7 +68,7 @@ class RedisContextStore:
 
     async def load(self, key: ConversationKey) -> list[Turn]:
         try:
-            raw = await self._client.lrange(self.redis_key(key), 0, -1)  # type: ignore[misc]
+            raw = await self._client.lrange(self.redis_key(key), 0, -1)
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
         turns = []
