@@ -135,7 +135,7 @@ async def test_reply_that_cannot_be_saved_is_still_delivered_with_a_notice() -> 
 
     service = ConversationService(ReadOnlyStore(), ScriptedModel())
     parts = await collect(service, Incoming(KEY, "hi"))
-    assert text_of(parts) == "echo 2: hi" and notices(parts) == [NoticeKind.STORE_UNAVAILABLE]
+    assert text_of(parts) == "echo 1: hi" and notices(parts) == [NoticeKind.STORE_UNAVAILABLE]
 
 
 async def test_oversized_message_is_shortened_to_fit_with_a_notice() -> None:
