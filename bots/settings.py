@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,10 +75,24 @@ def env_name(settings: type[BaseSettings], loc: tuple[int | str, ...]) -> str:
     """Name the environment variable behind an error location."""
     field = settings.model_fields.get(str(loc[0]))
     alias = field.validation_alias if field else None
+    if isinstance(alias, AliasChoices):
+        alias = alias.choices[0]
     if isinstance(alias, str):
         return alias.upper()
     prefix = settings.model_config.get("env_prefix", "")
     return (prefix + "_".join(str(part) for part in loc)).upper()
+
+
+def env_names(settings: type[BaseSettings]) -> list[str]:
+    """List every environment variable a settings class reads."""
+    names = []
+    for field_name, field in settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += [env_name(settings, (field_name, sub)) for sub in annotation.model_fields]
+        else:
+            names.append(env_name(settings, (field_name,)))
+    return names
 
 
 def load_settings(settings: type[Settings]) -> Settings:

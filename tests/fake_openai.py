@@ -132,6 +132,7 @@ class FakeOpenAI:
         await writer.drain()
 
     async def _stream(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+        """Send the reply's events; with no delay, in one write, like an instant model."""
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"transfer-encoding: chunked\r\n\r\n"
@@ -140,39 +141,53 @@ class FakeOpenAI:
             reply.text[i : i + reply.chunk_chars]
             for i in range(0, len(reply.text), reply.chunk_chars)
         ]
+        pending: list[bytes] = []
         for index, piece in enumerate(pieces):
             if reply.drop_after is not None and index == reply.drop_after:
+                writer.write(b"".join(pending))
+                await writer.drain()
                 writer.transport.abort()
                 return False
+            delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+            pending.append(self._event({"choices": [delta]}))
             if reply.delay:
                 await asyncio.sleep(reply.delay)
-            self._event(
-                writer,
-                {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]},
-            )
-            await writer.drain()
-        self._event(writer, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        usage = {
-            "prompt_tokens": 10,
-            "completion_tokens": len(pieces),
-            "total_tokens": 10 + len(pieces),
-        }
-        self._event(writer, {"choices": [], "usage": usage})
-        self._chunk(writer, b"data: [DONE]\n\n")
-        self._chunk(writer, b"")
+                writer.write(b"".join(pending))
+                await writer.drain()
+                pending.clear()
+        usage = {"prompt_tokens": 10, "completion_tokens": len(pieces)}
+        pending += [
+            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            self._event({"choices": [], "usage": usage}),
+            self._chunk(b"data: [DONE]\n\n"),
+            self._chunk(b""),
+        ]
+        writer.write(b"".join(pending))
         await writer.drain()
         return True
 
-    def _event(self, writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
-        event = {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": self.model,
-            **payload,
-        }
-        self._chunk(writer, f"data: {json.dumps(event)}\n\n".encode())
+    def _event(self, payload: dict[str, Any]) -> bytes:
+        event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": self.model}
+        return self._chunk(f"data: {json.dumps({**event, **payload})}\n\n".encode())
 
     @staticmethod
-    def _chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    def _chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def serve_forever(port: int, text: str, chunk_chars: int) -> None:
+    """Serve `text` to every request until killed (the benchmarks' stub model server)."""
+    async with FakeOpenAI([Reply(text, chunk_chars=chunk_chars)], port=port):
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve a fixed reply, OpenAI-style, on loopback.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--text", default="The quick brown fox jumps over the lazy dog. " * 4)
+    parser.add_argument("--chunk-chars", type=int, default=9)
+    options = parser.parse_args()
+    asyncio.run(serve_forever(options.port, options.text, options.chunk_chars))

@@ -10,7 +10,7 @@ from openai import AsyncOpenAI
 
 from bots.core.models import Chunk, PromptMessage, Role, Usage
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
-from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, timeouts
+from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, ServerError, parse_event, timeouts
 from tests.conftest import free_port
 from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status
 
@@ -109,3 +109,13 @@ async def test_nothing_listening_is_unavailable_within_five_seconds() -> None:
             )
         )
     assert time.monotonic() - started < 5.0
+
+
+def test_sse_lines_parse_into_text_usage_or_nothing() -> None:
+    delta = '{"choices": [{"index": 0, "delta": {"content": "Hi"}}]}'
+    assert parse_event(f"data: {delta}") == [Chunk(text="Hi")]
+    usage = '{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}'
+    assert parse_event(f"data: {usage}") == [Chunk(usage=Usage(3, 1))]
+    assert parse_event("data: [DONE]") == [] and parse_event(": keep-alive") == []
+    with pytest.raises(ServerError, match="overloaded"):
+        parse_event('data: {"error": {"message": "overloaded"}}')

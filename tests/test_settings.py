@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bots.settings import BotSettings, SettingsError, load_settings
+from bots.settings import BotSettings, SettingsError, env_names, load_settings
 from inference.serve import engine_launch
 from inference.settings import InferenceSettings
+from tests.conftest import ROOT
 
 
 def test_sections_read_section_underscore_field(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,3 +74,22 @@ def test_start_up_with_a_bad_value_exits_non_zero_without_a_traceback(tmp_path: 
     assert result.returncode == 2
     assert "LLM_REPLY_TOKENS" in result.stderr and "Traceback" not in result.stderr
     assert "sk-should-not-print" not in result.stderr + result.stdout
+
+
+def test_env_example_documents_exactly_the_variables_read() -> None:
+    documented = {
+        line.lstrip("# ").split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if re.match(r"^#? ?[A-Z][A-Z0-9_]+=", line)
+    }
+    read = set(env_names(BotSettings)) | set(env_names(InferenceSettings))
+    assert documented == read
+
+
+def test_env_example_values_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if re.match(r"^[A-Z][A-Z0-9_]+=", line):
+            name, value = line.split("=", 1)
+            monkeypatch.setenv(name, value)
+    load_settings(BotSettings)
+    load_settings(InferenceSettings)

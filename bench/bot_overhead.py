@@ -1,0 +1,104 @@
+"""Overhead of the bot tier per message, against a stub model server and Redis on loopback.
+
+The stub answers every request at once (a 180-character reply in 20 SSE chunks), so what
+a message's latency measures is Parley's own work: loading the context from Redis,
+building the prompt, the HTTP request and the streamed parse in the OpenAI client,
+and the atomic append of both turns.
+
+Two loads, C conversations at once in each:
+- paced: each conversation sends a message every `--interval` seconds on average
+  (Poisson arrivals), as people chatting do; the latency is the per-message overhead.
+- saturated: each conversation sends its next message as soon as the last is answered;
+  the latency then is mostly queueing behind the other C-1, and messages/s is the
+  ceiling of one bot process with the stub server sharing the machine.
+
+    python -m bench.bot_overhead [--messages 20] [--interval 2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+from openai import AsyncOpenAI
+from redis.asyncio import Redis
+
+from bench.common import machine, percentile, stub_model_server
+from bots.core.models import ConversationKey, Incoming
+from bots.core.service import ConversationService
+from bots.llm.openai import OpenAIChatModel, timeouts
+from bots.store.embedded import EmbeddedRedis
+from bots.store.redis import RedisContextStore
+from tests.conftest import free_port
+
+CONCURRENCY = (1, 50, 200)
+
+
+async def conversation(
+    service: ConversationService, index: int, messages: int, interval: float
+) -> list[float]:
+    key = ConversationKey("bench", f"overhead-{index}")
+    pace = random.Random(index)
+    latencies = []
+    for turn in range(messages):
+        if interval:
+            await asyncio.sleep(pace.expovariate(1 / interval))
+        started = time.perf_counter()
+        async with aclosing(service.respond(Incoming(key, f"message {turn}"))) as parts:
+            async for _ in parts:
+                pass
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def measure(
+    base_url: str, redis_url: str, concurrency: int, messages: int, interval: float
+) -> list[float]:
+    redis = Redis.from_url(redis_url, max_connections=max(concurrency, 10))
+    http = AsyncOpenAI(
+        base_url=base_url, api_key="bench", max_retries=0, timeout=timeouts(connect=3, read=30)
+    )
+    store = RedisContextStore(redis, prefix="bench", max_turns=40, ttl_seconds=600)
+    model = OpenAIChatModel(http, model="parley", reply_tokens=64, context_tokens=8192)
+    service = ConversationService(store, model)
+    await conversation(service, -1, 3, 0)  # warm up connections
+    runs = [conversation(service, i, messages, interval) for i in range(concurrency)]
+    latencies = [value for run in await asyncio.gather(*runs) for value in run]
+    await redis.flushdb()
+    await redis.aclose()
+    await http.close()
+    return latencies
+
+
+async def main(messages: int, interval: float) -> None:
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as folder:
+        async with (
+            EmbeddedRedis(Path(folder), port=free_port()) as redis_url,
+            stub_model_server() as base_url,
+        ):
+            print("| load | concurrent conversations | messages | p50 ms | p99 ms | messages/s |")
+            print("|---|---|---|---|---|---|")
+            for load, pause in ((f"paced, 1 per {interval:g} s each", interval), ("saturated", 0)):
+                for concurrency in CONCURRENCY:
+                    started = time.perf_counter()
+                    latencies = await measure(base_url, redis_url, concurrency, messages, pause)
+                    rate = len(latencies) / (time.perf_counter() - started)
+                    p50, p99 = (1000 * percentile(latencies, q) for q in (0.5, 0.99))
+                    print(
+                        f"| {load} | {concurrency} | {len(latencies)} "
+                        f"| {p50:.2f} | {p99:.2f} | {rate:.0f} |"
+                    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=20, help="messages per conversation")
+    parser.add_argument("--interval", type=float, default=2.0, help="mean seconds between messages")
+    options = parser.parse_args()
+    asyncio.run(main(options.messages, options.interval))

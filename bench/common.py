@@ -1,0 +1,59 @@
+"""Helpers the benchmarks share: percentiles, the machine they ran on, local servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percentile(samples: list[float], share: float) -> float:
+    """Return the `share` quantile (0..1) of samples, interpolated."""
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=1000, method="inclusive")[round(share * 1000) - 1]
+
+
+def machine() -> str:
+    """Describe this machine in one line: CPU model, cores, memory, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}"
+    )
+
+
+@asynccontextmanager
+async def stub_model_server(text: str | None = None) -> AsyncIterator[str]:
+    """Run the fake OpenAI server in its own process; yield its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.fake_openai", "--port", str(port)]
+    if text is not None:
+        command += ["--text", text]
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    await asyncio.wait_for(process.stdout.readline(), 30)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        await process.wait()
