@@ -92,7 +92,7 @@ async def main(messages: int, interval: float) -> None:
                     p50, p99 = (1000 * percentile(latencies, q) for q in (0.5, 0.99))
                     print(
                         f"| {load} | {concurrency} | {len(latencies)} "
-                        f"| {p50:.2f} | {p99:.2f} | {rate:.0f} |"
+                        f"| {p50:.2f} | {p99:.2f} | {rate:.1f} |"
                     )
 
 

@@ -67,18 +67,19 @@ async def chat(client: httpx.AsyncClient, url: str, question: str) -> tuple[floa
 
 async def vllm_rows() -> list[tuple[str, int, float, float]]:
     port = free_port()
-    os.environ.update(
-        DATA_DIR=str(ROOT / "data"),
-        INFERENCE_PORT=str(port),
-        INFERENCE_MAX_MODEL_LEN="2048",
-        INFERENCE_KV_CACHE_GIB="2",
-        INFERENCE_MAX_NUM_SEQS="64",
-    )
+    env = {
+        **os.environ,
+        "DATA_DIR": str(ROOT / "data"),
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_MAX_MODEL_LEN": "2048",
+        "INFERENCE_KV_CACHE_GIB": "2",
+        "INFERENCE_MAX_NUM_SEQS": "64",
+    }
     base = f"http://127.0.0.1:{port}/v1"
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         async with (
-            local_inference(base, Path(folder) / "inference.log", ready_within=900),
+            local_inference(base, Path(folder) / "inference.log", env=env, ready_within=900),
             httpx.AsyncClient(timeout=600) as client,
         ):
             url = base + "/chat/completions"

@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import getpass
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from openai import AsyncOpenAI
@@ -28,6 +29,8 @@ from bots.store.redis import RedisContextStore
 from inference.settings import InferenceSettings
 
 log = logging.getLogger("bots")
+
+Runner = Callable[[BotSettings], Awaitable[None]]
 
 
 @asynccontextmanager
@@ -89,6 +92,17 @@ async def run_console(settings: BotSettings) -> None:
         await chat.run()
 
 
+async def until_stopped(runner: Runner, settings: BotSettings) -> None:
+    """Run until done, Ctrl-C or SIGTERM; either signal unwinds every `async with`."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await runner(settings)
+    except asyncio.CancelledError:
+        log.info("stopped by SIGTERM")
+
+
 def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
     """Log to stderr, or to a file when the terminal belongs to the console chat."""
     log_file = settings.data_dir / "logs" / "bots.log"
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     # so both commands open the console chat.
     runners = {"run": run_console, "console": run_console}
     try:
-        asyncio.run(runners[args.command](settings))
+        asyncio.run(until_stopped(runners[args.command], settings))
     except (SettingsError, EngineStartError, EmbeddedRedisError) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -61,11 +62,16 @@ class EngineStartError(RuntimeError):
 
 @asynccontextmanager
 async def local_inference(
-    base_url: str, log_path: Path, *, ready_within: float = ENGINE_START_TIMEOUT_S
+    base_url: str,
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_within: float = ENGINE_START_TIMEOUT_S,
 ) -> AsyncIterator[None]:
     """Run `python -m inference serve` until the block ends; reuse one already healthy.
 
-    Its output goes to `log_path`, so the console stays readable.
+    Its output goes to `log_path`, so the console stays readable. `env` replaces this
+    process's environment for it.
     """
     if await is_healthy(base_url):
         yield
@@ -73,15 +79,20 @@ async def local_inference(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "inference", "serve",
-            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=os.environ.copy(),
-        )  # fmt: skip
+            *[sys.executable, "-m", "inference", "serve"],
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            env=dict(env or os.environ),
+            start_new_session=True,  # Ctrl-C reaches Parley, which then stops the engine
+        )
     try:
         await _wait_healthy(process, base_url, log_path, ready_within)
         yield
     finally:
         if process.returncode is None:
-            process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
             try:
                 await asyncio.wait_for(process.wait(), ENGINE_STOP_TIMEOUT_S)
             except TimeoutError:

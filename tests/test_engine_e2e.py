@@ -42,18 +42,11 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
         "INFERENCE_MAX_NUM_SEQS": "16",
     }
     base_url = f"http://127.0.0.1:{port}/v1"
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        log_path = tmp_path_factory.mktemp("engine") / "inference.log"
-        async with local_inference(base_url, log_path, ready_within=600):
-            yield base_url
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    log_path = tmp_path_factory.mktemp("engine") / "inference.log"
+    async with local_inference(
+        base_url, log_path, env={**os.environ, **settings}, ready_within=600
+    ):
+        yield base_url
 
 
 def console(engine: str, redis_url: str, prefix: str, cwd: Path, *typed: str) -> str:

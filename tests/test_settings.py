@@ -16,6 +16,14 @@ from inference.settings import InferenceSettings
 from tests.conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def no_parley_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Start each test from defaults, whatever this machine's environment or `.env` says."""
+    for name in env_names(BotSettings) + env_names(InferenceSettings):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
 def test_sections_read_section_underscore_field(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0")
     monkeypatch.setenv("LLM_BASE_URL", "http://inference:8000/v1")

@@ -38,7 +38,7 @@ def redis_server_binary() -> str:
     return found
 
 
-async def _responds(url: str) -> bool:
+async def responds(url: str) -> bool:
     client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         return bool(await client.ping())
@@ -93,7 +93,7 @@ class EmbeddedRedis:
         if self._process is not None:
             return self.url
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if await _responds(self.url):
+        if await responds(self.url):
             return self.url
         if self.port is None:
             self.socket_path.unlink(missing_ok=True)
@@ -102,10 +102,11 @@ class EmbeddedRedis:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches Parley, which stops Redis last
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
-        while not await _responds(self.url):
+        while not await responds(self.url):
             if self._process.returncode is not None or loop.time() > deadline:
                 await self.stop()
                 raise EmbeddedRedisError(
@@ -119,7 +120,8 @@ class EmbeddedRedis:
         process, self._process = self._process, None
         if process is None or process.returncode is not None:
             return
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
         try:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
         except TimeoutError:
@@ -130,5 +132,4 @@ class EmbeddedRedis:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            await self.stop()
+        await self.stop()

@@ -1,0 +1,59 @@
+"""The real `python -m bots console` process on its embedded defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from bots.store.embedded import responds
+from tests.fake_openai import FakeOpenAI, Reply
+
+
+def console_env(base_url: str, data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "LLM_BASE_URL": base_url, "DATA_DIR": str(data_dir)}
+    env.pop("REDIS_URL", None)  # the embedded Redis
+    return env
+
+
+async def chat(env: dict[str, str], cwd: Path, *typed: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bots", "console",
+        cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    lines = "".join(line + "\n" for line in typed).encode()
+    out, err = await asyncio.wait_for(process.communicate(lines), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_history_survives_a_restart_on_the_embedded_redis(tmp_path: Path) -> None:
+    env = console_env("", tmp_path / "data")
+    async with FakeOpenAI([Reply("Noted.")]) as server:
+        env["LLM_BASE_URL"] = server.base_url
+        assert "parley> Noted." in await chat(env, tmp_path, "My name is Ada.")
+        assert "parley> Noted." in await chat(env, tmp_path, "What is my name?")
+    second = [m["content"] for m in server.completions()[1].body["messages"]]
+    assert second == ["My name is Ada.", "Noted.", "What is my name?"]
+    assert list((tmp_path / "data" / "redis").glob("appendonly*")), "persisted as an AOF"
+    socket_url = f"unix://{tmp_path / 'data' / 'redis' / 'redis.sock'}"
+    assert not await responds(socket_url), "the embedded Redis stopped with the console"
+
+
+async def test_sigterm_ends_the_console_cleanly(tmp_path: Path) -> None:
+    async with FakeOpenAI([Reply("hi")]) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bots", "console",
+            cwd=tmp_path, env=console_env(server.base_url, tmp_path / "data"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        banner = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert banner.startswith(b"Parley console")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    socket_url = f"unix://{tmp_path / 'data' / 'redis' / 'redis.sock'}"
+    assert not await responds(socket_url), "the embedded Redis stopped with the console"
