@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import io
 import logging
 import signal
 import sys
@@ -80,6 +81,9 @@ async def conversation_service(settings: BotSettings) -> AsyncIterator[Conversat
 
 
 async def run_console(settings: BotSettings) -> None:
+    # Undecodable bytes typed or piped in become U+FFFD instead of stopping the chat.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
     async with conversation_service(settings) as service:
         user = getpass.getuser()
         chat = ConsoleChat(

@@ -57,6 +57,7 @@ def prepare_default_model(models_dir: Path) -> Path:
     models_dir.mkdir(parents=True, exist_ok=True)
     log.info("converting %s into %s (once, about a minute)", source.name, target)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=models_dir))
+    staging.chmod(0o755)  # mkdtemp makes it private; an engine running as another user reads it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -57,3 +57,17 @@ async def test_sigterm_ends_the_console_cleanly(tmp_path: Path) -> None:
         assert await asyncio.wait_for(process.wait(), 30) == 0
     socket_url = f"unix://{tmp_path / 'data' / 'redis' / 'redis.sock'}"
     assert not await responds(socket_url), "the embedded Redis stopped with the console"
+
+
+async def test_undecodable_input_is_answered_not_fatal(tmp_path: Path) -> None:
+    async with FakeOpenAI([Reply("Got it.")]) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bots", "console",
+            cwd=tmp_path, env=console_env(server.base_url, tmp_path / "data"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(b"caf\xe9 \xff\xfe ok\n"), 60)
+    assert process.returncode == 0, err.decode()
+    assert "parley> Got it." in out.decode()
+    assert server.completions()[0].body["messages"][-1]["content"] == "caf\ufffd \ufffd\ufffd ok"

@@ -173,3 +173,11 @@ async def test_closing_a_reply_early_releases_the_conversation() -> None:
     parts_after = await asyncio.wait_for(collect(service, Incoming(KEY, "next")), 1.0)
     assert text_of(parts_after).startswith("echo")
     assert service.active_conversations == 0
+
+
+async def test_lone_surrogates_are_replaced_before_anything_is_stored() -> None:
+    service, store, model = make()
+    parts = await collect(service, Incoming(KEY, "bad \ud800 byte", author=Author("1", "x\udfff")))
+    assert text_of(parts) == "echo 2: bad \ufffd byte"
+    assert store.turns[KEY][0].content == "bad \ufffd byte"
+    assert all(m.content.encode("utf-8") for m in model.prompts[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,13 +64,21 @@ def notice(kind: NoticeKind, text: str | None = None) -> Notice:
     return Notice(kind, text if text is not None else _NOTICES[kind])
 
 
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def sanitize(text: str) -> str:
+    """Replace lone surrogates (undecodable input) with U+FFFD so the text encodes as UTF-8."""
+    return _LONE_SURROGATES.sub("\ufffd", text)
+
+
 def estimate_tokens(text: str) -> int:
     """Bound a text's token count from above.
 
     A byte-level BPE tokenizer (GPT-2 family, SmolLM2, Llama 3, Qwen) never emits more
     tokens than the text has UTF-8 bytes, so the byte count is a safe upper bound.
     """
-    return len(text.encode("utf-8", "surrogatepass")) + MESSAGE_OVERHEAD_TOKENS
+    return len(text.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS
 
 
 def shorten_to_tokens(text: str, tokens: int) -> str:
@@ -77,7 +86,7 @@ def shorten_to_tokens(text: str, tokens: int) -> str:
     budget = tokens - MESSAGE_OVERHEAD_TOKENS - len(SHORTENED_SUFFIX)
     if budget <= 0:
         return ""
-    cut = text.encode("utf-8", "surrogatepass")[:budget].decode("utf-8", "ignore")
+    cut = text.encode("utf-8")[:budget].decode("utf-8", "ignore")
     return cut + SHORTENED_SUFFIX
 
 
@@ -186,11 +195,13 @@ class ConversationService:
         Consume it to the end or close it (`contextlib.aclosing`): the conversation
         stays locked while the stream is open.
         """
-        if not incoming.text.strip():
+        text = sanitize(incoming.text)
+        if not text.strip():
             yield notice(NoticeKind.EMPTY_MESSAGE)
             return
-        name = incoming.author.display_name if incoming.in_group and incoming.author else None
-        user_turn = Turn(Role.USER, incoming.text, name=name)
+        author = incoming.author
+        name = sanitize(author.display_name) if incoming.in_group and author else None
+        user_turn = Turn(Role.USER, text, name=name)
         async with self._locks.hold(incoming.key):
             try:
                 history = await self._store.load(incoming.key)
