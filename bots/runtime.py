@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
+from bots.children import stop_child
 from bots.settings import RedisSettings
 from bots.store.embedded import EmbeddedRedis
 
@@ -90,14 +90,7 @@ async def local_inference(
         await _wait_healthy(process, base_url, log_path, ready_within)
         yield
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), ENGINE_STOP_TIMEOUT_S)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_child(process, ENGINE_STOP_TIMEOUT_S)
 
 
 async def _wait_healthy(

@@ -18,12 +18,19 @@ def console_env(base_url: str, data_dir: Path) -> dict[str, str]:
     return env
 
 
+async def start_console(env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "bots", "console"],
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def chat(env: dict[str, str], cwd: Path, *typed: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bots", "console",
-        cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await start_console(env, cwd)
     lines = "".join(line + "\n" for line in typed).encode()
     out, err = await asyncio.wait_for(process.communicate(lines), 60)
     assert process.returncode == 0, err.decode()
@@ -45,11 +52,7 @@ async def test_history_survives_a_restart_on_the_embedded_redis(tmp_path: Path) 
 
 async def test_sigterm_ends_the_console_cleanly(tmp_path: Path) -> None:
     async with FakeOpenAI([Reply("hi")]) as server:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bots", "console",
-            cwd=tmp_path, env=console_env(server.base_url, tmp_path / "data"),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        process = await start_console(console_env(server.base_url, tmp_path / "data"), tmp_path)
         assert process.stdout is not None
         banner = await asyncio.wait_for(process.stdout.readline(), 30)
         assert banner.startswith(b"Parley console")
@@ -61,12 +64,7 @@ async def test_sigterm_ends_the_console_cleanly(tmp_path: Path) -> None:
 
 async def test_undecodable_input_is_answered_not_fatal(tmp_path: Path) -> None:
     async with FakeOpenAI([Reply("Got it.")]) as server:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bots", "console",
-            cwd=tmp_path, env=console_env(server.base_url, tmp_path / "data"),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        process = await start_console(console_env(server.base_url, tmp_path / "data"), tmp_path)
         out, err = await asyncio.wait_for(process.communicate(b"caf\xe9 \xff\xfe ok\n"), 60)
     assert process.returncode == 0, err.decode()
     assert "parley> Got it." in out.decode()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import shutil
 from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from bots.children import stop_child
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -118,15 +119,8 @@ class EmbeddedRedis:
     async def stop(self) -> None:
         """Stop the server if this object started it; it flushes its data on the way out."""
         process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if process is not None:
+            await stop_child(process, STOP_TIMEOUT_S)
 
     async def __aenter__(self) -> str:
         return await self.start()
