@@ -1,4 +1,4 @@
-"""Composition root: `python -m bots [run|console]`.
+"""Composition root: `python -m bots [run|console|discord]`.
 
 `run` starts every platform bot whose token is set, or the console chat when none is.
 With no LLM_BASE_URL it first starts the local inference service; with no REDIS_URL it
@@ -23,6 +23,7 @@ from bots.core.models import Author, ConversationKey
 from bots.core.service import ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.platforms.console import ConsoleChat, read_stdin_line
+from bots.platforms.discord import DiscordSetupError, run_discord
 from bots.runtime import EngineStartError, local_inference, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
@@ -107,6 +108,23 @@ async def until_stopped(runner: Runner, settings: BotSettings) -> None:
         log.info("stopped by SIGTERM")
 
 
+async def run_discord_bot(settings: BotSettings) -> None:
+    if settings.discord.token is None:
+        raise SettingsError(
+            "DISCORD_TOKEN is not set: create a bot in the Discord developer portal"
+        )
+    async with conversation_service(settings) as service:
+        await run_discord(service, settings.discord)
+
+
+async def run_configured(settings: BotSettings) -> None:
+    """Run the bots whose tokens are set; with none, the console chat."""
+    if settings.discord.token is not None:
+        await run_discord_bot(settings)
+    else:
+        await run_console(settings)
+
+
 def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
     """Log to stderr, or to a file when the terminal belongs to the console chat."""
     log_file = settings.data_dir / "logs" / "bots.log"
@@ -122,8 +140,8 @@ def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
     parser.add_argument(
-        "command", nargs="?", default="run", choices=["run", "console"],
-        help="run: the bots whose tokens are set, else the console (default); console: the console",
+        "command", nargs="?", default="run", choices=["run", "console", "discord"],
+        help="run (default): the bots whose tokens are set, else the console",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:
@@ -131,13 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"parley: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings, to_file=True)
-    # `run` starts the platform bots whose tokens are set; none is configured here yet,
-    # so both commands open the console chat.
-    runners = {"run": run_console, "console": run_console}
+    runners: dict[str, Runner] = {
+        "run": run_configured,
+        "console": run_console,
+        "discord": run_discord_bot,
+    }
+    is_console = args.command == "console" or (
+        args.command == "run" and settings.discord.token is None
+    )
+    configure_logging(settings, to_file=is_console)
     try:
         asyncio.run(until_stopped(runners[args.command], settings))
-    except (SettingsError, EngineStartError, EmbeddedRedisError) as error:
+    except (SettingsError, EngineStartError, EmbeddedRedisError, DiscordSetupError) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class RedisSettings(BaseModel):
@@ -41,6 +48,39 @@ class ChatSettings(BaseModel):
     )
 
 
+def parse_ids(value: object) -> object:
+    """Read "1, 2 3" (as an environment variable gives it) into a set of ids."""
+    if isinstance(value, str):
+        return frozenset(int(part) for part in value.replace(",", " ").split())
+    return value
+
+
+IdSet = Annotated[frozenset[int], NoDecode, BeforeValidator(parse_ids)]
+
+
+class DiscordSettings(BaseModel):
+    token: SecretStr | None = Field(default=None, description="Bot token; set to run the bot.")
+    api_base_url: str | None = Field(
+        default=None, description="Discord REST base, e.g. a REST proxy; unset: Discord's own."
+    )
+    gateway_url: str | None = Field(
+        default=None, description="Discord gateway URL, e.g. a gateway proxy; unset: Discord's."
+    )
+    open_channels: IdSet = Field(
+        default=frozenset(), description="Channels where every message is answered."
+    )
+    allow_dms: bool = True
+    allow_guilds: IdSet = frozenset()
+    deny_guilds: IdSet = frozenset()
+    allow_channels: IdSet = frozenset()
+    deny_channels: IdSet = frozenset()
+    allow_roles: IdSet = frozenset()
+    deny_roles: IdSet = frozenset()
+    allow_users: IdSet = frozenset()
+    deny_users: IdSet = frozenset()
+    show_reasoning: bool = False
+
+
 class ConsoleSettings(BaseModel):
     conversation: str = Field(default="local", min_length=1)
 
@@ -62,6 +102,7 @@ class BotSettings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     chat: ChatSettings = ChatSettings()
     console: ConsoleSettings = ConsoleSettings()
+    discord: DiscordSettings = DiscordSettings()
 
 
 class SettingsError(Exception):

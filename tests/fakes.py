@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,20 @@ class MemoryStore:
     async def clear(self, key: ConversationKey) -> None:
         self._check()
         self.turns.pop(key, None)
+
+    async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
+        self._check()
+        for index, turn in enumerate(self.turns[key]):
+            if turn.message_id == message_id:
+                self.turns[key][index] = dataclasses.replace(turn, content=content)
+                return True
+        return False
+
+    async def remove(self, key: ConversationKey, message_id: str) -> bool:
+        self._check()
+        kept = [t for t in self.turns[key] if t.message_id != message_id]
+        found, self.turns[key] = len(kept) != len(self.turns[key]), kept
+        return found
 
 
 @dataclass

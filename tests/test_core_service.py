@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from bots.core.models import (
@@ -181,3 +182,46 @@ async def test_lone_surrogates_are_replaced_before_anything_is_stored() -> None:
     assert text_of(parts) == "echo 2: bad \ufffd byte"
     assert store.turns[KEY][0].content == "bad \ufffd byte"
     assert all(m.content.encode("utf-8") for m in model.prompts[0])
+
+
+async def test_replies_follow_call_order_not_consumption_order() -> None:
+    service, store, _ = make(ScriptedModel(delay=0.005))
+    first = service.respond(Incoming(KEY, "first"))
+    second = service.respond(Incoming(KEY, "second"))
+    later = asyncio.create_task(drain(second))  # starts consuming before the first
+    await asyncio.sleep(0.01)
+    await drain(first)
+    await later
+    assert [t.content for t in store.turns[KEY]][::2] == ["first", "second"]
+
+
+async def test_a_reply_never_consumed_does_not_block_the_conversation() -> None:
+    service, _, _ = make()
+    abandoned = service.respond(Incoming(KEY, "never read"))
+    del abandoned
+    parts = await asyncio.wait_for(collect(service, Incoming(KEY, "next")), 1.0)
+    assert text_of(parts) == "echo 2: next"
+    assert service.active_conversations == 0
+
+
+async def test_leaving_the_line_early_keeps_the_order_for_those_behind() -> None:
+    model = ScriptedModel(gates={str(KEY): asyncio.Event()})
+    service, store, _ = make(model)
+    running = asyncio.create_task(collect(service, Incoming(KEY, "one")))
+    await asyncio.sleep(0.01)
+    quitter = service.respond(Incoming(KEY, "two"))
+    waiting = asyncio.create_task(drain(quitter))
+    third = asyncio.create_task(collect(service, Incoming(KEY, "three")))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.sleep(0.01)
+    assert not third.done(), "the third still waits for the first"
+    model.gates[str(KEY)].set()
+    await asyncio.gather(running, third)
+    assert [t.content for t in store.turns[KEY]][::2] == ["one", "three"]
+
+
+async def drain(parts: AsyncGenerator[ReplyPart, None]) -> None:
+    async with aclosing(parts):
+        async for _ in parts:
+            pass

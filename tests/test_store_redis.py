@@ -112,3 +112,17 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.append(KEY, Turn(Role.USER, "lost?"))
     await client.aclose()
+
+
+async def test_a_turn_is_edited_and_removed_by_its_message_id(store: RedisContextStore) -> None:
+    await store.append(KEY, Turn(Role.USER, "first", message_id="m1"), Turn(Role.ASSISTANT, "a"))
+    await store.append(KEY, Turn(Role.USER, "second", message_id="m2"), Turn(Role.ASSISTANT, "b"))
+    assert await store.edit(KEY, "m1", "first, edited")
+    assert await store.remove(KEY, "m2")
+    assert not await store.edit(KEY, "m404", "nothing") and not await store.remove(KEY, "m404")
+    turns = await store.load(KEY)
+    assert [(t.content, t.message_id) for t in turns] == [
+        ("first, edited", "m1"),
+        ("a", None),
+        ("b", None),
+    ]

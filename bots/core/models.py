@@ -49,6 +49,7 @@ class Turn:
     name: str | None = None
     at: float = field(default_factory=time.time)
     usage: Usage | None = None
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Incoming:
     text: str
     author: Author | None = None
     in_group: bool = False
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

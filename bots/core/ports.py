@@ -41,6 +41,14 @@ class ContextStore(Protocol):
         """Forget the conversation."""
         ...
 
+    async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
+        """Replace the text of the turn that came from a platform message; False if none."""
+        ...
+
+    async def remove(self, key: ConversationKey, message_id: str) -> bool:
+        """Delete the turn that came from a platform message; False if none."""
+        ...
+
 
 class ChatModel(Protocol):
     def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:

@@ -129,30 +129,63 @@ def build_prompt(
     return Prompt([*system, *kept, current], shortened)
 
 
-class KeyedLocks:
-    """One FIFO lock per key, forgotten once nobody holds or waits for it."""
+class Place:
+    """A place in one conversation's line: its turn comes when everyone before has left.
+
+    Leaving is idempotent, and happens when the holder is garbage collected too, so a
+    reply stream that was created but never consumed cannot block the conversation.
+    """
+
+    def __init__(self, before: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        self._before = before
+        self.done = done
+
+    async def wait(self) -> None:
+        if self._before is not None:
+            await asyncio.shield(self._before)
+
+    def leave(self) -> None:
+        if self.done.done():
+            return
+        if self._before is None or self._before.done():
+            self.done.set_result(None)
+        else:  # left before its turn: the next in line still waits for the one before
+            self._before.add_done_callback(lambda _: self.leave())
+
+    def __del__(self) -> None:
+        if not self.done.get_loop().is_closed():
+            self.leave()
+
+
+class ArrivalLine:
+    """Serve each key's holders strictly in the order they arrived; keys run concurrently."""
 
     def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self._last: dict[Hashable, asyncio.Future[None]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._last)
+
+    def join(self, key: Hashable) -> Place:
+        """Take a place now, synchronously: call order is arrival order."""
+        done = asyncio.get_running_loop().create_future()
+        place = Place(self._last.get(key), done)
+        self._last[key] = done
+        done.add_done_callback(lambda _: self._forget(key, done))
+        return place
+
+    def _forget(self, key: Hashable, done: asyncio.Future[None]) -> None:
+        if self._last.get(key) is done:
+            del self._last[key]
 
     @asynccontextmanager
     async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._entries.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._entries[key] = (lock, users + 1)
+        place = self.join(key)
         try:
-            async with lock:
-                yield
+            await place.wait()
+            yield
         finally:
-            lock, users = self._entries[key]
-            if users == 1:
-                del self._entries[key]
-            else:
-                self._entries[key] = (lock, users - 1)
+            place.leave()
 
 
 class ConversationService:
@@ -174,54 +207,75 @@ class ConversationService:
         self._model = model
         self._system_prompt = system_prompt
         self._reply_tokens = reply_tokens
-        self._locks = KeyedLocks()
+        self._line = ArrivalLine()
 
     @property
     def active_conversations(self) -> int:
-        return len(self._locks)
+        return len(self._line)
 
     async def reset(self, key: ConversationKey) -> None:
         """Forget a conversation; raises StoreUnavailable when the store is down."""
-        async with self._locks.hold(key):
+        async with self._line.hold(key):
             await self._store.clear(key)
+
+    async def edit(self, key: ConversationKey, message_id: str, text: str) -> bool:
+        """Update the stored turn of an edited user message; False if it is not in context."""
+        async with self._line.hold(key):
+            return await self._store.edit(key, message_id, sanitize(text))
+
+    async def forget(self, key: ConversationKey, message_id: str) -> bool:
+        """Remove a deleted user message from the context; False if it is not there."""
+        async with self._line.hold(key):
+            return await self._store.remove(key, message_id)
 
     async def history(self, key: ConversationKey) -> list[Turn]:
         """Return a conversation's stored turns, oldest first."""
         return await self._store.load(key)
 
-    async def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
+    def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         """Stream the reply to a message: model text deltas, and notices from Parley.
 
-        Consume it to the end or close it (`contextlib.aclosing`): the conversation
-        stays locked while the stream is open.
+        The message takes its place in its conversation's line when this is called, so
+        replies come in the order of the calls. Consume the stream to the end or close it
+        (`contextlib.aclosing`): the conversation waits for it while it is open.
         """
+        return self._respond(incoming, self._line.join(incoming.key))
+
+    async def _respond(self, incoming: Incoming, place: Place) -> AsyncGenerator[ReplyPart, None]:
+        try:
+            await place.wait()
+            async for part in self._answer(incoming):
+                yield part
+        finally:
+            place.leave()
+
+    async def _answer(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         text = sanitize(incoming.text)
         if not text.strip():
             yield notice(NoticeKind.EMPTY_MESSAGE)
             return
         author = incoming.author
         name = sanitize(author.display_name) if incoming.in_group and author else None
-        user_turn = Turn(Role.USER, text, name=name)
-        async with self._locks.hold(incoming.key):
-            try:
-                history = await self._store.load(incoming.key)
-                budget = await self._model.context_window() - self._reply_tokens
-            except StoreUnavailable:
-                log.warning("context store unavailable", extra={"conversation": str(incoming.key)})
-                yield notice(NoticeKind.STORE_UNAVAILABLE)
-                return
-            except ModelError as error:
-                await self._keep_user_turn(incoming.key, user_turn)
-                yield self._model_notice(error)
-                return
-            prompt = build_prompt(self._system_prompt, history, user_turn, budget_tokens=budget)
-            if prompt.shortened:
-                yield notice(
-                    NoticeKind.MESSAGE_SHORTENED,
-                    "Your message is longer than I can read at once; I read only its beginning.",
-                )
-            async for part in self._stream_and_record(incoming.key, user_turn, prompt):
-                yield part
+        user_turn = Turn(Role.USER, text, name=name, message_id=incoming.message_id)
+        try:
+            history = await self._store.load(incoming.key)
+            budget = await self._model.context_window() - self._reply_tokens
+        except StoreUnavailable:
+            log.warning("context store unavailable", extra={"conversation": str(incoming.key)})
+            yield notice(NoticeKind.STORE_UNAVAILABLE)
+            return
+        except ModelError as error:
+            await self._keep_user_turn(incoming.key, user_turn)
+            yield self._model_notice(error)
+            return
+        prompt = build_prompt(self._system_prompt, history, user_turn, budget_tokens=budget)
+        if prompt.shortened:
+            yield notice(
+                NoticeKind.MESSAGE_SHORTENED,
+                "Your message is longer than I can read at once; I read only its beginning.",
+            )
+        async for part in self._stream_and_record(incoming.key, user_turn, prompt):
+            yield part
 
     async def _stream_and_record(
         self, key: ConversationKey, user_turn: Turn, prompt: Prompt

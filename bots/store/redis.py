@@ -15,6 +15,25 @@ from bots.core.ports import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# Find the turn whose "id" is ARGV[2]; ARGV[1] says to edit its content to ARGV[3] or to
+# delete it. One script, so a concurrent append can never interleave with the change.
+CHANGE_TURN = """
+for index, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local ok, turn = pcall(cjson.decode, raw)
+  if ok and type(turn) == 'table' and turn['id'] == ARGV[2] then
+    if ARGV[1] == 'delete' then
+      redis.call('LSET', KEYS[1], index - 1, '__parley_deleted__')
+      redis.call('LREM', KEYS[1], 1, '__parley_deleted__')
+    else
+      turn['content'] = ARGV[3]
+      redis.call('LSET', KEYS[1], index - 1, cjson.encode(turn))
+    end
+    return 1
+  end
+end
+return 0
+"""
+
 
 def conversation_slot(key: ConversationKey) -> str:
     """Encode a conversation key injectively: distinct keys never share a Redis key.
@@ -32,6 +51,8 @@ def encode_turn(turn: Turn) -> str:
         record["name"] = turn.name
     if turn.usage is not None:
         record["usage"] = [turn.usage.prompt_tokens, turn.usage.completion_tokens]
+    if turn.message_id is not None:
+        record["id"] = turn.message_id
     return json.dumps(record, ensure_ascii=False)
 
 
@@ -44,6 +65,7 @@ def decode_turn(raw: bytes | str) -> Turn:
         name=record.get("name"),
         at=float(record["at"]),
         usage=Usage(*usage) if usage else None,
+        message_id=record.get("id"),
     )
 
 
@@ -62,6 +84,7 @@ class RedisContextStore:
         self._prefix = prefix
         self._max_turns = max_turns
         self._ttl_seconds = ttl_seconds
+        self._change_turn = client.register_script(CHANGE_TURN)
 
     def redis_key(self, key: ConversationKey) -> str:
         return f"{self._prefix}:ctx:{conversation_slot(key)}"
@@ -91,6 +114,23 @@ class RedisContextStore:
                 await transaction.execute()
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
+
+    async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
+        return await self._change(key, "edit", message_id, content)
+
+    async def remove(self, key: ConversationKey, message_id: str) -> bool:
+        return await self._change(key, "delete", message_id, "")
+
+    async def _change(
+        self, key: ConversationKey, action: str, message_id: str, content: str
+    ) -> bool:
+        try:
+            changed = await self._change_turn(
+                keys=[self.redis_key(key)], args=[action, message_id, content]
+            )
+        except RedisError as error:
+            raise StoreUnavailable(str(error)) from error
+        return bool(changed)
 
     async def clear(self, key: ConversationKey) -> None:
         try:

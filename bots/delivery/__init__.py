@@ -1,0 +1,1 @@
+"""Platform-agnostic delivery: a stream of reply text becomes send/edit/split operations."""

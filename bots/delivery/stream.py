@@ -1,0 +1,211 @@
+"""Stream reply text into platform messages: send, edit at a paced rate, continue past the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from bots.delivery.split import split_message
+
+Ref = TypeVar("Ref")
+
+FINAL_ATTEMPTS = 8
+EMPTY_REPLY = "(The model gave no answer.)"
+_REASONING = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.DOTALL)
+
+
+class RateLimited(Exception):
+    """The platform asked us to wait `retry_after` seconds before the next call."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited for {retry_after:.2f} s")
+        self.retry_after = retry_after
+
+
+class _OverBudget(Exception):
+    """Our own budget for this reply is spent until `wait` seconds from now."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"over budget for {wait:.2f} s")
+        self.wait = wait
+
+
+class MessageSink(Protocol[Ref]):
+    """Where one reply goes: a chat's send and edit operations."""
+
+    async def send(self, text: str) -> Ref:
+        """Post a new message and return a handle to edit it."""
+        ...
+
+    async def edit(self, message: Ref, text: str) -> None:
+        """Replace a posted message's text."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A platform's message limits.
+
+    Args:
+        max_chars: the most characters one message may hold.
+        edit_interval: seconds between two intermediate updates of a streaming reply.
+        burst: the most calls (sends and edits) one reply makes in any `window` seconds.
+        window: the length of that window, in seconds.
+
+    Intermediate updates are spaced `edit_interval` apart, which keeps a slot of the
+    burst free, so the final text goes out as soon as the last token is in.
+    """
+
+    max_chars: int
+    edit_interval: float
+    burst: int
+    window: float
+
+
+def hide_reasoning(text: str) -> str:
+    """Drop `<think>…</think>` blocks, and an unfinished one, from what users see."""
+    return _REASONING.sub("", text)
+
+
+@dataclass
+class Report:
+    """What one delivery did, for logs, metrics and benchmarks."""
+
+    sends: int = 0
+    edits: int = 0
+    rate_limited: int = 0
+    messages: int = 0
+    finished_at: float = 0.0
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return self.sends + self.edits
+
+
+class StreamingDelivery(Generic[Ref]):
+    """Show a streamed reply as it grows, within the platform's limits and edit rate.
+
+    Deltas are coalesced: at most one update per `edit_interval`, always with the
+    latest text. A 429 pushes the next update back by its `retry_after`. The final text
+    is always delivered, whatever updates were skipped on the way. Past `max_chars`
+    the reply continues in a new message, code blocks closed and reopened.
+    """
+
+    def __init__(
+        self,
+        sink: MessageSink[Ref],
+        limits: Limits,
+        *,
+        show_reasoning: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sink = sink
+        self._limits = limits
+        self._show_reasoning = show_reasoning
+        self._clock = clock
+        self._text = ""
+        self._shown: list[tuple[Ref, str]] = []
+        self._next_update = 0.0
+        self._last_update = -float("inf")
+        self._calls: deque[float] = deque()
+        self.report = Report()
+
+    def _visible(self) -> str:
+        return self._text if self._show_reasoning else hide_reasoning(self._text)
+
+    async def run(self, deltas: AsyncIterable[str]) -> Report:
+        """Deliver the whole stream; return what was done."""
+        changed = asyncio.Event()
+
+        async def pump() -> None:
+            async for delta in deltas:
+                self._text += delta
+                changed.set()
+
+        pumping = asyncio.create_task(pump())
+        try:
+            while not pumping.done():
+                waiter = asyncio.create_task(changed.wait())
+                await asyncio.wait({pumping, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                delay = self._wait_before(final=False)
+                if delay > 0:
+                    await asyncio.wait({pumping}, timeout=delay)
+                if pumping.done():
+                    break
+                changed.clear()
+                await self._update(final=False)
+            await pumping
+        finally:
+            pumping.cancel()
+        await self._finish()
+        return self.report
+
+    async def _finish(self) -> None:
+        for _ in range(FINAL_ATTEMPTS):
+            delay = self._wait_before(final=True)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if await self._update(final=True):
+                break
+        self.report.finished_at = self._clock()
+        self.report.messages = len(self._shown)
+        self.report.texts = [text for _, text in self._shown]
+
+    def _calls_in_window(self, now: float) -> int:
+        while self._calls and self._calls[0] <= now - self._limits.window:
+            self._calls.popleft()
+        return len(self._calls)
+
+    def _spend_call(self) -> None:
+        """Count a call against the burst, or refuse it until the window has room."""
+        now = self._clock()
+        if self._calls_in_window(now) >= self._limits.burst:
+            raise _OverBudget(self._calls[0] + self._limits.window - now)
+        self._calls.append(now)
+
+    def _wait_before(self, *, final: bool) -> float:
+        """Seconds until the next update may go out: paced, or for the final one, in budget."""
+        now = self._clock()
+        in_window = self._calls_in_window(now)
+        wait = self._next_update - now
+        if not final:
+            wait = max(wait, self._last_update + self._limits.edit_interval - now)
+        if in_window >= self._limits.burst:
+            wait = max(wait, self._calls[0] + self._limits.window - now)
+        return wait
+
+    async def _update(self, *, final: bool) -> bool:
+        """Bring the posted messages up to the current text; False if rate limited."""
+        visible = self._visible()
+        if final and not visible.strip():
+            visible = EMPTY_REPLY
+        pieces = [p.text for p in split_message(visible, self._limits.max_chars)]
+        try:
+            for index, text in enumerate(t for t in pieces if t.strip()):
+                if index < len(self._shown):
+                    message, shown = self._shown[index]
+                    if shown != text:
+                        self._spend_call()
+                        await self._sink.edit(message, text)
+                        self.report.edits += 1
+                        self._shown[index] = (message, text)
+                else:
+                    self._spend_call()
+                    self._shown.append((await self._sink.send(text), text))
+                    self.report.sends += 1
+        except _OverBudget as over:
+            self._next_update = self._clock() + over.wait
+            return False
+        except RateLimited as limited:
+            self.report.rate_limited += 1
+            self._next_update = self._clock() + limited.retry_after
+            return False
+        self._last_update = self._clock()
+        return True

@@ -1,0 +1,275 @@
+"""The Discord bot: discord.py events in, streamed and paced replies out, never a ping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
+from bots.core.ports import StoreUnavailable
+from bots.core.service import HELP_TEXT, ConversationService
+from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
+from bots.settings import DiscordSettings
+
+log = logging.getLogger(__name__)
+
+# 2000 characters a message; Discord allows about 5 edits per 5 s per message.
+DISCORD_LIMITS = Limits(max_chars=2000, edit_interval=1.25, burst=5, window=5.0)
+# Model output must never notify anyone: no @everyone, @here, role, user or reply pings.
+NO_PINGS = discord.AllowedMentions.none()
+INTENT_HELP = (
+    "Discord refused the MESSAGE CONTENT intent. Turn it on in the developer portal: "
+    "https://discord.com/developers/applications -> your app -> Bot -> Privileged Gateway "
+    "Intents -> Message Content Intent."
+)
+
+
+def intents() -> discord.Intents:
+    """Ask only for what Parley reads: guilds, messages in guilds and DMs, and their text."""
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_messages = True
+    wanted.dm_messages = True
+    wanted.message_content = True
+    return wanted
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Who may talk to the bot: allow lists (empty allows all) and deny lists (win)."""
+
+    settings: DiscordSettings
+
+    def admits(self, *, guild: int | None, channel: int, user: int, roles: frozenset[int]) -> bool:
+        s = self.settings
+        if user in s.deny_users or roles & s.deny_roles:
+            return False
+        if s.allow_users and user not in s.allow_users:
+            return False
+        if guild is None:
+            return s.allow_dms
+        if guild in s.deny_guilds or channel in s.deny_channels:
+            return False
+        if s.allow_guilds and guild not in s.allow_guilds:
+            return False
+        if s.allow_channels and channel not in s.allow_channels:
+            return False
+        return not s.allow_roles or bool(roles & s.allow_roles)
+
+
+def conversation_of(channel: object, guild_id: int | None, channel_id: int) -> ConversationKey:
+    """Key a conversation: guild + channel, a thread on its own, a DM by its channel."""
+    if guild_id is None:
+        return ConversationKey("discord", f"dm/{channel_id}")
+    if isinstance(channel, discord.Thread):
+        return ConversationKey("discord", f"{guild_id}/{channel.parent_id}", str(channel.id))
+    return ConversationKey("discord", f"{guild_id}/{channel_id}")
+
+
+class ChannelSink:
+    """Send and edit one reply's messages in a channel, the first as a reply, without pings."""
+
+    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message) -> None:
+        self._channel = channel
+        self._reply_to: discord.Message | None = reply_to
+
+    async def send(self, text: str) -> discord.Message:
+        reference, self._reply_to = self._reply_to, None
+        try:
+            if reference is None:
+                return await self._channel.send(text, allowed_mentions=NO_PINGS)
+            return await self._channel.send(text, allowed_mentions=NO_PINGS, reference=reference)
+        except discord.RateLimited as limited:
+            raise RateLimited(limited.retry_after) from limited
+
+    async def edit(self, message: discord.Message, text: str) -> None:
+        try:
+            await message.edit(content=text, allowed_mentions=NO_PINGS)
+        except discord.RateLimited as limited:
+            raise RateLimited(limited.retry_after) from limited
+
+
+def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
+    """Turn notices into Discord's small grey subtext; pass model text through."""
+
+    async def rendered() -> AsyncIterator[str]:
+        shown = False
+        async for part in parts:
+            if isinstance(part, Notice):
+                yield f"{chr(10) if shown else ''}-# {part.text}\n"
+            else:
+                yield part
+            shown = True
+
+    return rendered()
+
+
+async def typing_until_first(
+    channel: discord.abc.Messageable, parts: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    """Show "typing…" until the first piece of the reply arrives."""
+    async with channel.typing():
+        first = await anext(parts, None)
+    if first is None:
+        return
+    yield first
+    async for part in parts:
+        yield part
+
+
+class DiscordChat:
+    """Translate Discord messages into the core's types, and replies back into messages."""
+
+    def __init__(self, service: ConversationService, settings: DiscordSettings) -> None:
+        self._service = service
+        self._settings = settings
+        self._policy = AccessPolicy(settings)
+
+    def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
+        """Answer DMs, mentions, replies to the bot, and every message in open channels."""
+        if message.guild is None:
+            return True
+        if message.channel.id in self._settings.open_channels or me.id in message.raw_mentions:
+            return True
+        replied = message.reference.resolved if message.reference else None
+        return isinstance(replied, discord.Message) and replied.author.id == me.id
+
+    def is_admitted(self, message: discord.Message) -> bool:
+        roles = frozenset(role.id for role in getattr(message.author, "roles", ()))
+        return self._policy.admits(
+            guild=message.guild.id if message.guild else None,
+            channel=getattr(message.channel, "parent_id", None) or message.channel.id,
+            user=message.author.id,
+            roles=roles,
+        )
+
+    def key_of(self, message: discord.Message) -> ConversationKey:
+        guild = message.guild.id if message.guild else None
+        return conversation_of(message.channel, guild, message.channel.id)
+
+    def text_of(self, message: discord.Message, me: discord.ClientUser) -> str:
+        """The message as people read it, without the mention that addressed the bot."""
+        text = re.sub(rf"<@!?{me.id}>", "", message.content)
+        for member in message.mentions:
+            text = re.sub(rf"<@!?{member.id}>", f"@{member.display_name}", text)
+        for role in message.role_mentions:
+            text = text.replace(f"<@&{role.id}>", f"@{role.name}")
+        return text.strip()
+
+    async def on_message(self, message: discord.Message, me: discord.ClientUser) -> None:
+        if message.author.bot or not self.is_addressed(message, me):
+            return
+        if not self.is_admitted(message):
+            log.info("denied", extra={"conversation": str(self.key_of(message))})
+            return
+        incoming = Incoming(
+            self.key_of(message),
+            self.text_of(message, me),
+            author=Author(str(message.author.id), message.author.display_name),
+            in_group=message.guild is not None,
+            message_id=str(message.id),
+        )
+        parts = render(self._service.respond(incoming))
+        delivery = StreamingDelivery(
+            ChannelSink(message.channel, message),
+            DISCORD_LIMITS,
+            show_reasoning=self._settings.show_reasoning,
+        )
+        await delivery.run(typing_until_first(message.channel, parts))
+
+    async def on_edit(self, message: discord.Message) -> None:
+        guild = message.guild.id if message.guild else None
+        key = conversation_of(message.channel, guild, message.channel.id)
+        await self._service.edit(key, str(message.id), message.clean_content)
+
+    async def on_delete(
+        self, channel: object, guild: int | None, channel_id: int, message_id: int
+    ) -> None:
+        await self._service.forget(conversation_of(channel, guild, channel_id), str(message_id))
+
+    async def reset(self, key: ConversationKey) -> str:
+        try:
+            await self._service.reset(key)
+        except StoreUnavailable:
+            return "I can't reach my conversation memory right now; try again in a moment."
+        return "Conversation forgotten; let's start over."
+
+
+class ParleyDiscord(discord.Client):
+    """discord.py's client with Parley's handlers; subclassed only to wire them in."""
+
+    def __init__(self, chat: DiscordChat) -> None:
+        super().__init__(intents=intents(), allowed_mentions=NO_PINGS)
+        self.chat = chat
+        self.tree = app_commands.CommandTree(self)
+        self.ready_once = asyncio.Event()
+
+    async def setup_hook(self) -> None:
+        @self.tree.command(name="reset", description="Forget this conversation")
+        async def reset(interaction: discord.Interaction) -> None:
+            channel = interaction.channel
+            key = conversation_of(channel, interaction.guild_id, interaction.channel_id or 0)
+            await interaction.response.send_message(
+                await self.chat.reset(key), ephemeral=True, allowed_mentions=NO_PINGS
+            )
+
+        @self.tree.command(name="help", description="How to talk to Parley")
+        async def help_(interaction: discord.Interaction) -> None:
+            text = "Mention me, reply to me, or DM me.\n" + HELP_TEXT
+            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
+
+        await self.tree.sync()
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s", self.user)
+        self.ready_once.set()
+
+    async def on_message(self, message: discord.Message) -> None:
+        assert self.user is not None
+        await self.chat.on_message(message, self.user)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if not payload.message.author.bot:
+            await self.chat.on_edit(payload.message)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        channel = self.get_channel(payload.channel_id)
+        await self.chat.on_delete(channel, payload.guild_id, payload.channel_id, payload.message_id)
+
+
+def use_endpoints(settings: DiscordSettings) -> None:
+    """Point discord.py at other REST and gateway URLs (proxies, or a test server)."""
+    if settings.api_base_url:
+        Route.BASE = settings.api_base_url.rstrip("/")
+    if settings.gateway_url:
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
+
+
+async def run_discord(service: ConversationService, settings: DiscordSettings) -> None:
+    """Run the bot until the connection ends or the task is cancelled."""
+    if settings.token is None:
+        raise ValueError("DISCORD_TOKEN is not set")
+    use_endpoints(settings)
+    client = ParleyDiscord(DiscordChat(service, settings))
+    async with client:
+        try:
+            await client.start(settings.token.get_secret_value())
+        except discord.PrivilegedIntentsRequired as error:
+            raise DiscordSetupError(INTENT_HELP) from error
+        except discord.LoginFailure as error:
+            raise DiscordSetupError(
+                "Discord rejected DISCORD_TOKEN: check the bot token"
+            ) from error
+
+
+class DiscordSetupError(RuntimeError):
+    """Discord refused the bot's configuration; the message says what to change."""

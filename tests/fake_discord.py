@@ -1,0 +1,339 @@
+"""A local fake of Discord: the REST API and the gateway, on loopback, for discord.py.
+
+discord.py runs unchanged against it: it logs in over REST, fetches the gateway URL,
+connects a real websocket (zlib-stream compressed, as Discord sends), identifies,
+receives READY and GUILD_CREATE, and then whatever events a test dispatches. Every REST
+call is recorded; `script_429` makes chosen calls answer 429 with a `retry_after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+# Snowflake-sized ids: discord.py's mention parsing expects 15 to 20 digits.
+SNOWFLAKE = 10**17
+BOT_ID = SNOWFLAKE + 900
+APP_ID = SNOWFLAKE + 901
+GUILD_ID = SNOWFLAKE + 100
+CHANNEL_ID = SNOWFLAKE + 200
+OPEN_CHANNEL_ID = SNOWFLAKE + 201
+THREAD_ID = SNOWFLAKE + 202
+DM_CHANNEL_ID = SNOWFLAKE + 300
+ROLE_MEMBER = SNOWFLAKE + 400
+ROLE_MUTED = SNOWFLAKE + 401
+TIMESTAMP = "2026-11-22T10:00:00.000000+00:00"
+
+
+def user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "discriminator": "0",
+        "avatar": None,
+        "global_name": name,
+        "bot": bot,
+    }
+
+
+BOT_USER = user(BOT_ID, "parley", bot=True)
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Answer JSON with the bare content type discord.py checks for (no charset)."""
+    body = json.dumps(payload).encode()
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: Any
+    message_id: str | None = None  # the message a POST created or a PATCH edited
+
+
+@dataclass
+class FakeDiscord:
+    reject_intents: bool = False
+    calls: list[Call] = field(default_factory=list)
+    script_429: dict[str, list[float]] = field(default_factory=dict)
+    identified: asyncio.Event = field(default_factory=asyncio.Event)
+    intents: int = 0
+    port: int = 0
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(SNOWFLAKE + 10_000))
+    _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
+    _socket: web.WebSocketResponse | None = None
+    _compressor: Any = None
+    _runner: web.AppRunner | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    async def __aenter__(self) -> FakeDiscord:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    # REST
+
+    def calls_to(self, method: str, fragment: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method and fragment in c.path]
+
+    async def wait_for(self, predicate: Any, within: float = 10.0) -> None:
+        """Wait until `predicate()` holds after some REST call."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), within)
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["path"]
+        body = await request.json() if request.can_read_body else None
+        self.calls.append(Call(request.method, path, body))
+        async with self._changed:
+            self._changed.notify_all()
+        key = f"{request.method} {path.rsplit('/', 1)[0] if request.method == 'PATCH' else path}"
+        for pattern, delays in self.script_429.items():
+            if pattern in key and delays:
+                retry = delays.pop(0)
+                payload = {
+                    "message": "You are being rate limited.",
+                    "retry_after": retry,
+                    "global": False,
+                }
+                return _json(payload, status=429, headers={"Via": "1.1 google"})
+        return self._answer(request.method, path, body)
+
+    def _answer(self, method: str, path: str, body: Any) -> web.StreamResponse:
+        parts = path.strip("/").split("/")
+        if path == "/users/@me":
+            return _json(BOT_USER)
+        if path == "/oauth2/applications/@me":
+            return _json(
+                {
+                    "id": str(APP_ID),
+                    "name": "parley",
+                    "icon": None,
+                    "description": "",
+                    "bot_public": True,
+                    "bot_require_code_grant": False,
+                    "owner": user(1, "owner"),
+                    "verify_key": "0" * 64,
+                    "flags": 0,
+                    "summary": "",
+                }
+            )
+        if path == "/gateway/bot":
+            limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+            url = f"ws://127.0.0.1:{self.port}/gateway"
+            return _json({"url": url, "shards": 1, "session_start_limit": limit})
+        if parts[0] == "applications" and method == "PUT":
+            return _json(
+                [
+                    {
+                        "id": str(next(self._ids)),
+                        "application_id": str(APP_ID),
+                        "type": 1,
+                        "version": "1",
+                        "name": c["name"],
+                        "description": c.get("description", ""),
+                        **c,
+                    }
+                    for c in body
+                ]
+            )
+        if parts[0] == "channels" and parts[-1] == "messages" and method == "POST":
+            created = self.message(int(parts[1]), body["content"], author=BOT_USER)
+            self.calls[-1].message_id = created["id"]
+            return _json(created)
+        if parts[0] == "channels" and len(parts) == 4 and method == "PATCH":
+            self.calls[-1].message_id = parts[3]
+            return _json(
+                self.message(
+                    int(parts[1]), body["content"], author=BOT_USER, message_id=int(parts[3])
+                )
+            )
+        if parts[0] == "users" and parts[-1] == "channels":
+            return _json({"id": str(DM_CHANNEL_ID), "type": 1, "recipients": [body]})
+        return web.Response(status=204)
+
+    def message(
+        self,
+        channel_id: int,
+        content: str,
+        *,
+        author: dict[str, Any],
+        message_id: int | None = None,
+        guild: bool = True,
+        roles: list[int] | None = None,
+        mentions: list[dict[str, Any]] | None = None,
+        reply_to: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": str(message_id or next(self._ids)),
+            "channel_id": str(channel_id),
+            "author": author,
+            "content": content,
+            "timestamp": TIMESTAMP,
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": mentions or [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 19 if reply_to else 0,
+        }
+        if guild and channel_id != DM_CHANNEL_ID:
+            payload["guild_id"] = str(GUILD_ID)
+            payload["member"] = {
+                "roles": [str(r) for r in roles or []],
+                "joined_at": TIMESTAMP,
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
+        if reply_to:
+            payload["referenced_message"] = reply_to
+            payload["message_reference"] = {
+                "message_id": reply_to["id"],
+                "channel_id": str(channel_id),
+            }
+        return payload
+
+    # Gateway
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._socket, self._compressor = socket, zlib.compressobj()
+        await self._send({"op": 10, "d": {"heartbeat_interval": 45_000}})
+        async for frame in socket:
+            if frame.type != WSMsgType.TEXT:
+                continue
+            message = json.loads(frame.data)
+            if message["op"] == 1:
+                await self._send({"op": 11})
+            elif message["op"] == 2:
+                self.intents = message["d"]["intents"]
+                if self.reject_intents:
+                    await socket.close(code=4014, message=b"Disallowed intent(s).")
+                    break
+                await self._ready()
+        return socket
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        assert self._socket is not None
+        data = self._compressor.compress(json.dumps(payload).encode())
+        await self._socket.send_bytes(data + self._compressor.flush(zlib.Z_SYNC_FLUSH))
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        await self._send({"op": 0, "t": event, "s": next(self._seq), "d": data})
+
+    async def _ready(self) -> None:
+        ready = {
+            "v": 10,
+            "user": BOT_USER,
+            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "session_id": "fake-session",
+            "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
+            "application": {"id": str(APP_ID), "flags": 0},
+            "private_channels": [],
+        }
+        await self._send({"op": 0, "t": "READY", "s": 1, "d": ready})
+        await self.dispatch("GUILD_CREATE", self._guild())
+        self.identified.set()
+
+    def _guild(self) -> dict[str, Any]:
+        def channel(channel_id: int, name: str) -> dict[str, Any]:
+            return {
+                "id": str(channel_id),
+                "type": 0,
+                "name": name,
+                "position": 0,
+                "guild_id": str(GUILD_ID),
+                "permission_overwrites": [],
+                "nsfw": False,
+            }
+
+        def role(role_id: int, name: str) -> dict[str, Any]:
+            return {
+                "id": str(role_id),
+                "name": name,
+                "permissions": "0",
+                "position": 1,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": True,
+            }
+
+        thread = {
+            "id": str(THREAD_ID),
+            "type": 11,
+            "name": "a thread",
+            "parent_id": str(CHANNEL_ID),
+            "guild_id": str(GUILD_ID),
+            "owner_id": "1",
+            "message_count": 0,
+            "member_count": 1,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 60,
+                "archive_timestamp": TIMESTAMP,
+                "locked": False,
+            },
+        }
+        return {
+            "id": str(GUILD_ID),
+            "name": "Test guild",
+            "owner_id": "1",
+            "unavailable": False,
+            "member_count": 3,
+            "members": [],
+            "voice_states": [],
+            "presences": [],
+            "channels": [channel(CHANNEL_ID, "general"), channel(OPEN_CHANNEL_ID, "ask-parley")],
+            "threads": [thread],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "roles": [
+                role(GUILD_ID, "@everyone"),
+                role(ROLE_MEMBER, "member"),
+                role(ROLE_MUTED, "muted"),
+            ],
+            "large": False,
+            "mfa_level": 0,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "system_channel_flags": 0,
+            "premium_tier": 0,
+            "nsfw_level": 0,
+            "preferred_locale": "en-US",
+        }

@@ -1,0 +1,329 @@
+"""The Discord bot through real discord.py code paths, against a local fake of Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bots.core.models import ConversationKey, PromptMessage, Role
+from bots.core.service import ConversationService
+from bots.delivery.split import split_message
+from bots.platforms.discord import INTENT_HELP, DiscordSetupError, intents, run_discord
+from bots.settings import DiscordSettings
+from bots.store.redis import RedisContextStore
+from tests.fake_discord import (
+    BOT_ID,
+    BOT_USER,
+    CHANNEL_ID,
+    DM_CHANNEL_ID,
+    GUILD_ID,
+    OPEN_CHANNEL_ID,
+    ROLE_MEMBER,
+    ROLE_MUTED,
+    SNOWFLAKE,
+    THREAD_ID,
+    TIMESTAMP,
+    FakeDiscord,
+    user,
+)
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.fakes import ScriptedModel
+
+ADA_ID = SNOWFLAKE + 1
+ADA = user(ADA_ID, "ada")
+BOT_MENTION = {
+    **BOT_USER,
+    "member": {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0},
+}
+
+
+class FixedModel(ScriptedModel):
+    """Answers every prompt with `answer(prompt)`."""
+
+    def __init__(self, answer: Callable[[Sequence[PromptMessage]], str], delay: float = 0.0):
+        super().__init__(delay=delay)
+        self.answer = answer
+
+    def reply(self, prompt: Sequence[PromptMessage]) -> str:
+        return self.answer(prompt)
+
+
+@dataclass
+class Bot:
+    fake: FakeDiscord
+    model: FixedModel
+    store: RedisContextStore
+
+    def sent(self, channel: int) -> list[str]:
+        return [
+            c.body["content"] for c in self.fake.calls_to("POST", f"/channels/{channel}/messages")
+        ]
+
+    def edits(self, channel: int) -> list[str]:
+        return [
+            c.body["content"] for c in self.fake.calls_to("PATCH", f"/channels/{channel}/messages/")
+        ]
+
+    def shown(self, channel: int) -> list[str]:
+        """The final text of each message the bot posted in a channel, in posting order."""
+        final: dict[str, str] = {}
+        for call in self.fake.calls:
+            if call.path.startswith(f"/channels/{channel}/messages") and call.message_id:
+                final[call.message_id] = call.body["content"]
+        return list(final.values())
+
+    async def say(
+        self,
+        channel: int,
+        content: str,
+        *,
+        author: dict[str, Any] = ADA,
+        roles: list[int] | None = None,
+        mentions: list[dict[str, Any]] | None = None,
+        reply_to: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Post a user's message to the bot through the gateway."""
+        message = self.fake.message(
+            channel, content, author=author, guild=channel != DM_CHANNEL_ID,
+            roles=roles, mentions=mentions, reply_to=reply_to,
+        )  # fmt: skip
+        await self.fake.dispatch("MESSAGE_CREATE", message)
+        return message
+
+    async def settle(self, channel: int, count: int = 1, within: float = 15.0) -> None:
+        """Wait for `count` replies in `channel`, then until Discord hears nothing for a while."""
+        await self.fake.wait_for(lambda: len(self.sent(channel)) >= count, within)
+        while True:
+            seen = len(self.fake.calls)
+            await asyncio.sleep(1.5)
+            if len(self.fake.calls) == seen:
+                return
+
+
+def echo(prompt: Sequence[PromptMessage]) -> str:
+    return f"You said: {prompt[-1].content}"
+
+
+@pytest.fixture
+def settings() -> DiscordSettings:
+    return DiscordSettings(
+        token="test-token",  # type: ignore[arg-type]
+        open_channels=frozenset({OPEN_CHANNEL_ID}),
+        deny_roles=frozenset({ROLE_MUTED}),
+    )
+
+
+@pytest.fixture
+async def bot(
+    settings: DiscordSettings, store: RedisContextStore, request: pytest.FixtureRequest
+) -> AsyncIterator[Bot]:
+    answer = getattr(request, "param", echo)
+    model = FixedModel(answer)
+    async with FakeDiscord() as fake:
+        configured = settings.model_copy(
+            update={"api_base_url": fake.api_base, "gateway_url": fake.gateway_url}
+        )
+        service = ConversationService(store, model)
+        running = asyncio.create_task(run_discord(service, configured))
+        await asyncio.wait_for(fake.identified.wait(), 10)
+        await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 10)
+        await asyncio.sleep(0.2)
+        yield Bot(fake, model, store)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_dm_is_answered_with_no_pings_allowed(bot: Bot) -> None:
+    await bot.say(DM_CHANNEL_ID, "hello there")
+    await bot.settle(DM_CHANNEL_ID)
+    (post,) = bot.fake.calls_to("POST", f"/channels/{DM_CHANNEL_ID}/messages")
+    assert post.body["content"] == "You said: hello there"
+    assert post.body["allowed_mentions"]["parse"] == []
+    assert not post.body["allowed_mentions"].get("replied_user"), "Discord defaults it to false"
+    assert str(post.body["message_reference"]["channel_id"]) == str(DM_CHANNEL_ID)
+    assert bot.fake.calls_to("POST", f"/channels/{DM_CHANNEL_ID}/typing")
+    turns = await bot.store.load(ConversationKey("discord", f"dm/{DM_CHANNEL_ID}"))
+    assert [(t.role, t.content) for t in turns] == [
+        (Role.USER, "hello there"),
+        (Role.ASSISTANT, "You said: hello there"),
+    ]
+
+
+async def test_a_guild_message_needs_a_mention_a_reply_or_an_open_channel(bot: Bot) -> None:
+    await bot.say(CHANNEL_ID, "just chatting among humans")
+    await bot.say(CHANNEL_ID, f"<@{BOT_ID}> what's up?", mentions=[BOT_MENTION])
+    await bot.settle(CHANNEL_ID)
+    assert bot.sent(CHANNEL_ID) == ["You said: ada: what's up?"], "the author is named"
+    reply_to = bot.fake.message(CHANNEL_ID, "You said: ada: what's up?", author=BOT_USER)
+    await bot.say(CHANNEL_ID, "and then?", reply_to=reply_to)
+    await bot.say(OPEN_CHANNEL_ID, "anyone?")
+    await bot.settle(CHANNEL_ID, 2)
+    await bot.settle(OPEN_CHANNEL_ID)
+    assert bot.sent(CHANNEL_ID)[1] == "You said: ada: and then?"
+    assert bot.sent(OPEN_CHANNEL_ID) == ["You said: ada: anyone?"]
+    history = await bot.store.load(ConversationKey("discord", f"{GUILD_ID}/{CHANNEL_ID}"))
+    assert [t.name for t in history if t.role is Role.USER] == ["ada", "ada"], "authors named"
+
+
+async def test_bots_and_denied_roles_get_no_model_call(bot: Bot) -> None:
+    await bot.say(OPEN_CHANNEL_ID, "I am a bot", author=user(SNOWFLAKE + 7, "otherbot", bot=True))
+    await bot.say(OPEN_CHANNEL_ID, "I am muted", roles=[ROLE_MUTED])
+    await bot.say(OPEN_CHANNEL_ID, "I am a member", roles=[ROLE_MEMBER])
+    await bot.settle(OPEN_CHANNEL_ID)
+    assert bot.sent(OPEN_CHANNEL_ID) == ["You said: ada: I am a member"]
+    assert len(bot.model.prompts) == 1
+
+
+@pytest.mark.parametrize(
+    "bot",
+    [lambda _: f"Hey @everyone and @here, <@&{ROLE_MEMBER}> <@{ADA_ID}> look!"],
+    indirect=True,
+)
+async def test_mentions_in_model_output_notify_nobody(bot: Bot) -> None:
+    await bot.say(DM_CHANNEL_ID, "ping them")
+    await bot.settle(DM_CHANNEL_ID)
+    (post,) = bot.fake.calls_to("POST", f"/channels/{DM_CHANNEL_ID}/messages")
+    assert "@everyone" in post.body["content"]
+    assert post.body["allowed_mentions"]["parse"] == []
+    assert all(
+        c.body["allowed_mentions"]["parse"] == [] for c in bot.fake.calls_to("PATCH", "/messages/")
+    )
+
+
+LONG = (
+    "Intro paragraph.\n\n"
+    + "Some prose. " * 150
+    + "\n```python\n"
+    + "\n".join(f"print({i})  # line {i}" for i in range(150))
+    + "\n```\nThat is all."
+)
+
+
+@pytest.mark.parametrize("bot", [lambda _: LONG], indirect=True)
+async def test_a_long_answer_continues_in_new_messages_with_code_fences_repaired(bot: Bot) -> None:
+    await bot.say(DM_CHANNEL_ID, "write a lot")
+    await bot.settle(DM_CHANNEL_ID, 3)
+    shown = bot.shown(DM_CHANNEL_ID)
+    assert len(shown) == 3 and all(len(text) <= 2000 for text in shown)
+    assert shown[1].rstrip().endswith("```") and shown[2].startswith("```python\n")
+    assert shown == [piece.text for piece in split_message(LONG, 2000)]
+
+
+async def test_a_thread_is_its_own_conversation(bot: Bot) -> None:
+    await bot.say(THREAD_ID, f"<@{BOT_ID}> in the thread", mentions=[BOT_MENTION])
+    await bot.settle(THREAD_ID)
+    thread = ConversationKey("discord", f"{GUILD_ID}/{CHANNEL_ID}", str(THREAD_ID))
+    assert [t.content for t in await bot.store.load(thread)][:1] == ["in the thread"]
+    assert await bot.store.load(ConversationKey("discord", f"{GUILD_ID}/{CHANNEL_ID}")) == []
+
+
+async def test_edits_and_deletes_of_user_messages_change_the_context(bot: Bot) -> None:
+    first = await bot.say(DM_CHANNEL_ID, "my name is Ada")
+    await bot.settle(DM_CHANNEL_ID)
+    second = await bot.say(DM_CHANNEL_ID, "I like tea")
+    await bot.settle(DM_CHANNEL_ID, 2)
+    await bot.fake.dispatch("MESSAGE_UPDATE", {**first, "content": "my name is Adele"})
+    await bot.fake.dispatch(
+        "MESSAGE_DELETE", {"id": second["id"], "channel_id": str(DM_CHANNEL_ID)}
+    )
+    key = ConversationKey("discord", f"dm/{DM_CHANNEL_ID}")
+    for _ in range(50):
+        users = [t.content for t in await bot.store.load(key) if t.role is Role.USER]
+        if users == ["my name is Adele"]:
+            break
+        await asyncio.sleep(0.1)
+    assert users == ["my name is Adele"]
+
+
+async def test_two_messages_together_are_answered_in_order_and_both_stored(bot: Bot) -> None:
+    bot.model.delay = 0.05
+    await asyncio.gather(bot.say(OPEN_CHANNEL_ID, "first"), bot.say(OPEN_CHANNEL_ID, "second"))
+    await bot.settle(OPEN_CHANNEL_ID, 2)
+    assert bot.shown(OPEN_CHANNEL_ID) == ["You said: ada: first", "You said: ada: second"]
+    history = await bot.store.load(ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}"))
+    assert [t.content for t in history] == [
+        "first",
+        "You said: ada: first",
+        "second",
+        "You said: ada: second",
+    ]
+
+
+async def test_a_429_on_an_edit_is_waited_out_and_the_final_text_arrives(bot: Bot) -> None:
+    bot.model.delay = 0.05
+    bot.fake.script_429["PATCH /channels/"] = [0.5]
+    await bot.say(DM_CHANNEL_ID, " ".join(f"w{i}" for i in range(60)))
+    await bot.settle(DM_CHANNEL_ID)
+    limited = [c for c in bot.fake.calls if c.method == "PATCH"]
+    assert len(limited) >= 2, "the rate-limited edit was retried"
+    assert bot.shown(DM_CHANNEL_ID) == ["You said: " + " ".join(f"w{i}" for i in range(60))]
+
+
+async def test_slash_commands_are_registered_on_start_up(bot: Bot) -> None:
+    (put,) = bot.fake.calls_to("PUT", "/commands")
+    assert sorted(command["name"] for command in put.body) == ["help", "reset"]
+
+
+async def test_the_bot_asks_only_for_the_intents_it_needs(bot: Bot) -> None:
+    assert bot.fake.intents == intents().value
+    assert not intents().members and not intents().presences
+
+
+async def test_a_refused_privileged_intent_says_which_switch_to_turn_on(
+    settings: DiscordSettings, store: RedisContextStore
+) -> None:
+    async with FakeDiscord(reject_intents=True) as fake:
+        configured = settings.model_copy(
+            update={"api_base_url": fake.api_base, "gateway_url": fake.gateway_url}
+        )
+        service = ConversationService(store, FixedModel(echo))
+        with pytest.raises(DiscordSetupError) as raised:
+            await asyncio.wait_for(run_discord(service, configured), 20)
+    assert str(raised.value) == INTENT_HELP and "Message Content Intent" in INTENT_HELP
+
+
+async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) -> None:
+    token = "MTAxODk.secret-discord-token.do-not-log"
+    async with FakeDiscord() as fake, FakeOpenAI([Reply("Hi from the model")]) as model:
+        env = {
+            **os.environ,
+            "DISCORD_TOKEN": token,
+            "DISCORD_API_BASE_URL": fake.api_base,
+            "DISCORD_GATEWAY_URL": fake.gateway_url,
+            "LLM_BASE_URL": model.base_url,
+            "DATA_DIR": str(tmp_path / "data"),
+            "LOG_LEVEL": "DEBUG",
+        }
+        env.pop("REDIS_URL", None)
+        process = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "bots", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 30)
+            await asyncio.wait_for(fake.identified.wait(), 10)
+            await asyncio.sleep(0.5)
+            await fake.dispatch(
+                "MESSAGE_CREATE", fake.message(DM_CHANNEL_ID, "hello", author=ADA, guild=False)
+            )
+            posted = f"/channels/{DM_CHANNEL_ID}/messages"
+            await fake.wait_for(lambda: bool(fake.calls_to("POST", posted)), 15)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert fake.calls_to("POST", posted)[0].body["content"] == "Hi from the model"
+    assert token not in (out + err).decode(), "the token never reaches a log"
+    assert b"DEBUG" in err, "debug logging was on"
