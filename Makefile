@@ -47,6 +47,7 @@ format: setup
 bench: setup model
 	$(PY) -m bench.bot_overhead
 	$(PY) -m bench.service_throughput
+	$(PY) -m bench.discord_delivery
 	$(PY) -m bench.engine_batching
 
 clean:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ class Call:
     path: str
     body: Any
     message_id: str | None = None  # the message a POST created or a PATCH edited
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -16,7 +16,13 @@ import pytest
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
 from bots.delivery.split import split_message
-from bots.platforms.discord import INTENT_HELP, DiscordSetupError, intents, run_discord
+from bots.platforms.discord import (
+    INTENT_HELP,
+    AccessPolicy,
+    DiscordSetupError,
+    intents,
+    run_discord,
+)
 from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
 from tests.fake_discord import (
@@ -327,3 +333,61 @@ async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) 
     assert fake.calls_to("POST", posted)[0].body["content"] == "Hi from the model"
     assert token not in (out + err).decode(), "the token never reaches a log"
     assert b"DEBUG" in err, "debug logging was on"
+
+
+def interaction(name: str, channel: int) -> dict[str, Any]:
+    """An application command invocation, as the gateway delivers it."""
+    return {
+        "id": str(SNOWFLAKE + 5000),
+        "application_id": str(SNOWFLAKE + 901),
+        "type": 2,
+        "token": "interaction-token",
+        "version": 1,
+        "guild_id": str(GUILD_ID),
+        "channel_id": str(channel),
+        "channel": {"id": str(channel), "type": 0, "guild_id": str(GUILD_ID), "name": "general"},
+        "member": {
+            "user": ADA, "roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
+            "flags": 0, "permissions": "0",
+        },
+        "data": {"id": str(SNOWFLAKE + 6000), "name": name, "type": 1},
+        "locale": "en-US",
+        "guild_locale": "en-US",
+        "app_permissions": "0",
+        "entitlements": [],
+        "authorizing_integration_owners": {},
+        "context": 0,
+        "attachment_size_limit": 8388608,
+    }  # fmt: skip
+
+
+async def test_reset_slash_command_clears_the_channel_and_answers_privately(bot: Bot) -> None:
+    await bot.say(OPEN_CHANNEL_ID, "remember me")
+    await bot.settle(OPEN_CHANNEL_ID)
+    key = ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}")
+    assert await bot.store.load(key)
+    await bot.fake.dispatch("INTERACTION_CREATE", interaction("reset", OPEN_CHANNEL_ID))
+    await bot.fake.wait_for(lambda: bool(bot.fake.calls_to("POST", "/interactions/")))
+    (callback,) = bot.fake.calls_to("POST", "/interactions/")
+    assert callback.body["type"] == 4 and callback.body["data"]["flags"] == 64, "ephemeral"
+    assert "forgotten" in callback.body["data"]["content"]
+    assert await bot.store.load(key) == []
+
+
+def test_access_policy_allow_and_deny_lists() -> None:
+    policy = AccessPolicy(
+        DiscordSettings(
+            allow_guilds=frozenset({1}),
+            deny_channels=frozenset({13}),
+            allow_roles=frozenset({5}),
+            deny_users=frozenset({666}),
+            allow_dms=False,
+        )
+    )
+    member = {"guild": 1, "channel": 12, "user": 7, "roles": frozenset({5})}
+    assert policy.admits(**member)  # type: ignore[arg-type]
+    assert not policy.admits(**{**member, "guild": 2})  # type: ignore[arg-type]
+    assert not policy.admits(**{**member, "channel": 13})  # type: ignore[arg-type]
+    assert not policy.admits(**{**member, "roles": frozenset({6})})  # type: ignore[arg-type]
+    assert not policy.admits(**{**member, "user": 666})  # type: ignore[arg-type]
+    assert not policy.admits(guild=None, channel=3, user=7, roles=frozenset())
