@@ -80,7 +80,10 @@ class ChannelSink:
 
     def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message) -> None:
         self._channel = channel
-        self._reply_to: discord.Message | None = reply_to
+        # A reply to a message deleted meanwhile is posted as a plain message.
+        self._reply_to: discord.MessageReference | None = reply_to.to_reference(
+            fail_if_not_exists=False
+        )
 
     async def send(self, text: str) -> discord.Message:
         reference, self._reply_to = self._reply_to, None
@@ -184,7 +187,15 @@ class DiscordChat:
             DISCORD_LIMITS,
             show_reasoning=self._settings.show_reasoning,
         )
-        await delivery.run(typing_until_first(message.channel, parts))
+        try:
+            await delivery.run(typing_until_first(message.channel, parts))
+        except discord.HTTPException as error:  # e.g. no permission to post in the channel
+            log.warning(
+                "reply not delivered: HTTP %s %s",
+                error.status,
+                error.text,
+                extra={"conversation": str(incoming.key)},
+            )
 
     async def on_edit(self, message: discord.Message) -> None:
         guild = message.guild.id if message.guild else None
