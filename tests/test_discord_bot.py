@@ -384,10 +384,13 @@ def test_access_policy_allow_and_deny_lists() -> None:
             allow_dms=False,
         )
     )
-    member = {"guild": 1, "channel": 12, "user": 7, "roles": frozenset({5})}
-    assert policy.admits(**member)  # type: ignore[arg-type]
-    assert not policy.admits(**{**member, "guild": 2})  # type: ignore[arg-type]
-    assert not policy.admits(**{**member, "channel": 13})  # type: ignore[arg-type]
-    assert not policy.admits(**{**member, "roles": frozenset({6})})  # type: ignore[arg-type]
-    assert not policy.admits(**{**member, "user": 666})  # type: ignore[arg-type]
-    assert not policy.admits(guild=None, channel=3, user=7, roles=frozenset())
+
+    def admits(guild: int | None = 1, channel: int = 12, user: int = 7, role: int = 5) -> bool:
+        return policy.admits(guild=guild, channel=channel, user=user, roles=frozenset({role}))
+
+    assert admits()
+    assert not admits(guild=2), "guild not on the allow list"
+    assert not admits(channel=13), "denied channel"
+    assert not admits(role=6), "no allowed role"
+    assert not admits(user=666), "denied user"
+    assert not admits(guild=None), "DMs off"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -101,19 +100,12 @@ class ChannelSink:
             raise RateLimited(limited.retry_after) from limited
 
 
-def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
+async def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
     """Turn notices into Discord's small grey subtext; pass model text through."""
-
-    async def rendered() -> AsyncIterator[str]:
-        shown = False
-        async for part in parts:
-            if isinstance(part, Notice):
-                yield f"{chr(10) if shown else ''}-# {part.text}\n"
-            else:
-                yield part
-            shown = True
-
-    return rendered()
+    separator = ""
+    async for part in parts:
+        yield f"{separator}-# {part.text}\n" if isinstance(part, Notice) else part
+        separator = "\n"
 
 
 async def typing_until_first(
@@ -222,7 +214,6 @@ class ParleyDiscord(discord.Client):
         super().__init__(intents=intents(), allowed_mentions=NO_PINGS)
         self.chat = chat
         self.tree = app_commands.CommandTree(self)
-        self.ready_once = asyncio.Event()
 
     async def setup_hook(self) -> None:
         @self.tree.command(name="reset", description="Forget this conversation")
@@ -242,7 +233,6 @@ class ParleyDiscord(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s", self.user)
-        self.ready_once.set()
 
     async def on_message(self, message: discord.Message) -> None:
         assert self.user is not None
