@@ -66,6 +66,7 @@ class FakeDiscord:
     reject_intents: bool = False
     calls: list[Call] = field(default_factory=list)
     script_429: dict[str, list[float]] = field(default_factory=dict)
+    forbidden: set[str] = field(default_factory=set)  # "METHOD /path" answered 403
     identified: asyncio.Event = field(default_factory=asyncio.Event)
     intents: int = 0
     port: int = 0
@@ -117,6 +118,9 @@ class FakeDiscord:
         self.calls.append(Call(request.method, path, body))
         async with self._changed:
             self._changed.notify_all()
+        if f"{request.method} {path}" in self.forbidden:
+            refusal = {"message": "Missing Permissions", "code": 50013}
+            return _json(refusal, status=403)
         key = f"{request.method} {path.rsplit('/', 1)[0] if request.method == 'PATCH' else path}"
         for pattern, delays in self.script_429.items():
             if pattern in key and delays:

@@ -394,3 +394,12 @@ def test_access_policy_allow_and_deny_lists() -> None:
     assert not admits(role=6), "no allowed role"
     assert not admits(user=666), "denied user"
     assert not admits(guild=None), "DMs off"
+
+
+async def test_a_channel_where_the_bot_may_not_post_does_not_stop_it(bot: Bot) -> None:
+    bot.fake.forbidden.add(f"POST /channels/{OPEN_CHANNEL_ID}/messages")
+    await bot.say(OPEN_CHANNEL_ID, "can you hear me?")
+    await bot.fake.wait_for(lambda: bool(bot.sent(OPEN_CHANNEL_ID)))
+    await bot.say(DM_CHANNEL_ID, "and here?")
+    await bot.settle(DM_CHANNEL_ID)
+    assert bot.shown(DM_CHANNEL_ID) == ["You said: and here?"]
