@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import io
 import logging
@@ -24,6 +25,7 @@ from bots.core.service import ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.platforms.console import ConsoleChat, read_stdin_line
 from bots.platforms.discord import DiscordSetupError, run_discord
+from bots.platforms.telegram import TelegramSetupError, run_telegram
 from bots.runtime import EngineStartError, local_inference, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
@@ -108,19 +110,44 @@ async def until_stopped(runner: Runner, settings: BotSettings) -> None:
         log.info("stopped by SIGTERM")
 
 
-async def run_discord_bot(settings: BotSettings) -> None:
-    if settings.discord.token is None:
-        raise SettingsError(
-            "DISCORD_TOKEN is not set: create a bot in the Discord developer portal"
-        )
+PLATFORMS = ("discord", "telegram")
+MISSING_TOKEN = {
+    "discord": "DISCORD_TOKEN is not set: create a bot in the Discord developer portal",
+    "telegram": "TELEGRAM_TOKEN is not set: get one from @BotFather",
+}
+
+
+def configured_platforms(settings: BotSettings) -> list[str]:
+    """The platforms whose tokens are set."""
+    tokens = {"discord": settings.discord.token, "telegram": settings.telegram.token}
+    return [name for name in PLATFORMS if tokens[name] is not None]
+
+
+async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
+    """Run these platform bots side by side, sharing one conversation service."""
+    for name in platforms:
+        if name not in configured_platforms(settings):
+            raise SettingsError(MISSING_TOKEN[name])
     async with conversation_service(settings) as service:
-        await run_discord(service, settings.discord)
+        starters = {
+            "discord": lambda: run_discord(service, settings.discord),
+            "telegram": lambda: run_telegram(service, settings.telegram),
+        }
+        bots = [asyncio.create_task(starters[name]()) for name in platforms]
+        try:
+            done, _ = await asyncio.wait(bots, return_when=asyncio.FIRST_EXCEPTION)
+            for bot in done:
+                bot.result()  # the first bot that failed stops them all, with its error
+        finally:
+            for bot in bots:
+                bot.cancel()
+            await asyncio.gather(*bots, return_exceptions=True)
 
 
 async def run_configured(settings: BotSettings) -> None:
     """Run the bots whose tokens are set; with none, the console chat."""
-    if settings.discord.token is not None:
-        await run_discord_bot(settings)
+    if platforms := configured_platforms(settings):
+        await run_bots(settings, platforms)
     else:
         await run_console(settings)
 
@@ -140,7 +167,7 @@ def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
     parser.add_argument(
-        "command", nargs="?", default="run", choices=["run", "console", "discord"],
+        "command", nargs="?", default="run", choices=["run", "console", *PLATFORMS],
         help="run (default): the bots whose tokens are set, else the console",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -152,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Runner] = {
         "run": run_configured,
         "console": run_console,
-        "discord": run_discord_bot,
+        "discord": functools.partial(run_bots, platforms=["discord"]),
+        "telegram": functools.partial(run_bots, platforms=["telegram"]),
     }
     is_console = args.command == "console" or (
-        args.command == "run" and settings.discord.token is None
+        args.command == "run" and not configured_platforms(settings)
     )
     configure_logging(settings, to_file=is_console)
     try:
         asyncio.run(until_stopped(runners[args.command], settings))
-    except (SettingsError, EngineStartError, EmbeddedRedisError, DiscordSetupError) as error:
+    except (
+        SettingsError,
+        EngineStartError,
+        EmbeddedRedisError,
+        DiscordSetupError,
+        TelegramSetupError,
+    ) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

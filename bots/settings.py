@@ -81,6 +81,27 @@ class DiscordSettings(BaseModel):
     show_reasoning: bool = False
 
 
+class TelegramSettings(BaseModel):
+    token: SecretStr | None = Field(default=None, description="Bot token from @BotFather.")
+    base_url: str | None = Field(
+        default=None, description="Bot API base, e.g. a local Bot API server; unset: Telegram's."
+    )
+    trigger_prefix: str | None = Field(
+        default=None, description="In groups, also answer messages starting with this."
+    )
+    allowed_users: IdSet = frozenset()
+    allowed_chats: IdSet = frozenset()
+    admins: IdSet = frozenset()
+    poll_timeout: int = Field(default=10, ge=0, le=50, description="Long-poll seconds.")
+    webhook_url: str | None = Field(
+        default=None, description="Public HTTPS URL of the webhook; unset: long polling."
+    )
+    webhook_secret: SecretStr | None = None
+    webhook_listen: str = "0.0.0.0"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+    show_reasoning: bool = False
+
+
 class ConsoleSettings(BaseModel):
     conversation: str = Field(default="local", min_length=1)
 
@@ -103,6 +124,7 @@ class BotSettings(BaseSettings):
     chat: ChatSettings = ChatSettings()
     console: ConsoleSettings = ConsoleSettings()
     discord: DiscordSettings = DiscordSettings()
+    telegram: TelegramSettings = TelegramSettings()
 
 
 class SettingsError(Exception):

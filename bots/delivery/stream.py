@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -33,6 +33,32 @@ class _OverBudget(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(f"over budget for {wait:.2f} s")
         self.wait = wait
+
+
+class CallWindow:
+    """At most `limit` calls in any `seconds`; intermediate updates keep `reserve` free.
+
+    One per reply keeps a reply within an edit budget; one shared by every reply in a
+    chat keeps the chat within the platform's per-chat limit.
+    """
+
+    def __init__(self, limit: int, seconds: float, *, reserve: int = 0) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self.reserve = reserve
+        self._calls: deque[float] = deque()
+
+    def wait(self, now: float, *, final: bool) -> float:
+        """Seconds until one more call fits (an intermediate one must leave the reserve)."""
+        while self._calls and self._calls[0] <= now - self.seconds:
+            self._calls.popleft()
+        room = self.limit - (0 if final else self.reserve)
+        if len(self._calls) < room:
+            return 0.0
+        return self._calls[len(self._calls) - room] + self.seconds - now
+
+    def spend(self, now: float) -> None:
+        self._calls.append(now)
 
 
 class MessageSink(Protocol[Ref]):
@@ -103,6 +129,7 @@ class StreamingDelivery(Generic[Ref]):
         limits: Limits,
         *,
         show_reasoning: bool = False,
+        shared: Sequence[CallWindow] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
@@ -113,7 +140,7 @@ class StreamingDelivery(Generic[Ref]):
         self._shown: list[tuple[Ref, str]] = []
         self._next_update = 0.0
         self._last_update = -float("inf")
-        self._calls: deque[float] = deque()
+        self._windows = [CallWindow(limits.burst, limits.window), *shared]
         self.report = Report()
 
     def _visible(self) -> str:
@@ -158,27 +185,21 @@ class StreamingDelivery(Generic[Ref]):
         self.report.messages = len(self._shown)
         self.report.texts = [text for _, text in self._shown]
 
-    def _calls_in_window(self, now: float) -> int:
-        while self._calls and self._calls[0] <= now - self._limits.window:
-            self._calls.popleft()
-        return len(self._calls)
-
-    def _spend_call(self) -> None:
-        """Count a call against the burst, or refuse it until the window has room."""
+    def _spend_call(self, *, final: bool) -> None:
+        """Count a call against every window, or refuse it until they all have room."""
         now = self._clock()
-        if self._calls_in_window(now) >= self._limits.burst:
-            raise _OverBudget(self._calls[0] + self._limits.window - now)
-        self._calls.append(now)
+        wait = max(window.wait(now, final=final) for window in self._windows)
+        if wait > 0:
+            raise _OverBudget(wait)
+        for window in self._windows:
+            window.spend(now)
 
     def _wait_before(self, *, final: bool) -> float:
         """Seconds until the next update may go out: paced, or for the final one, in budget."""
         now = self._clock()
-        in_window = self._calls_in_window(now)
-        wait = self._next_update - now
+        wait = max(self._next_update - now, *(w.wait(now, final=final) for w in self._windows))
         if not final:
             wait = max(wait, self._last_update + self._limits.edit_interval - now)
-        if in_window >= self._limits.burst:
-            wait = max(wait, self._calls[0] + self._limits.window - now)
         return wait
 
     async def _update(self, *, final: bool) -> bool:
@@ -192,12 +213,12 @@ class StreamingDelivery(Generic[Ref]):
                 if index < len(self._shown):
                     message, shown = self._shown[index]
                     if shown != text:
-                        self._spend_call()
+                        self._spend_call(final=final)
                         await self._sink.edit(message, text)
                         self.report.edits += 1
                         self._shown[index] = (message, text)
                 else:
-                    self._spend_call()
+                    self._spend_call(final=final)
                     self._shown.append((await self._sink.send(text), text))
                     self.report.sends += 1
         except _OverBudget as over:

@@ -1,0 +1,267 @@
+"""The Telegram bot: python-telegram-bot updates in, streamed and paced HTML replies out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from telegram import BotCommand, Message, Update
+from telegram.constants import ChatAction, ChatType, ParseMode
+from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+
+from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
+from bots.core.ports import StoreUnavailable
+from bots.core.service import HELP_TEXT, ConversationService
+from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
+from bots.platforms.telegram_markup import to_html
+from bots.settings import TelegramSettings
+
+log = logging.getLogger(__name__)
+
+# 4096 characters a message. Telegram asks for about one message a second per chat and
+# at most 20 a minute in a group; replies edit at most every 1.5 s.
+TELEGRAM_LIMITS = Limits(max_chars=4096, edit_interval=1.5, burst=5, window=5.0)
+PER_CHAT_SECONDS = 1.05
+GROUP_PER_MINUTE = 20
+GROUP_RESERVE = 6  # of those 20, kept for final texts: streaming edits stop earlier
+KNOWN_CHATS = 10_000
+COMMANDS = [
+    BotCommand("start", "Start talking to Parley"),
+    BotCommand("reset", "Forget this conversation"),
+    BotCommand("help", "How to talk to Parley"),
+]
+START_TEXT = "Hi! Send me a message and I'll answer. /help lists what I understand."
+
+
+def is_group(message: Message) -> bool:
+    return message.chat.type in (ChatType.GROUP, ChatType.SUPERGROUP)
+
+
+def conversation_of(message: Message) -> ConversationKey:
+    """Key a conversation: the chat, and in forums the topic."""
+    topic = message.message_thread_id if message.is_topic_message else None
+    return ConversationKey("telegram", str(message.chat.id), str(topic) if topic else None)
+
+
+class ChatSink:
+    """Send and edit a reply's messages as HTML; fall back to plain text if Telegram objects."""
+
+    def __init__(self, message: Message) -> None:
+        self._message = message
+        self._thread = message.message_thread_id if message.is_topic_message else None
+
+    async def send(self, text: str) -> Message:
+        chat = self._message.get_bot()
+        try:
+            return await self._plain_if_refused(
+                lambda mode, body: chat.send_message(
+                    self._message.chat.id, body, parse_mode=mode,
+                    message_thread_id=self._thread, disable_web_page_preview=True,
+                ),
+                text,
+            )  # fmt: skip
+        except RetryAfter as error:
+            raise RateLimited(_seconds(error.retry_after)) from error
+
+    async def edit(self, message: Message, text: str) -> None:
+        try:
+            await self._plain_if_refused(
+                lambda mode, body: message.edit_text(
+                    body, parse_mode=mode, disable_web_page_preview=True
+                ),
+                text,
+            )
+        except RetryAfter as error:
+            raise RateLimited(_seconds(error.retry_after)) from error
+        except BadRequest as error:
+            if "not modified" not in error.message.lower():
+                raise
+
+    @staticmethod
+    async def _plain_if_refused(call: object, text: str) -> Message:
+        try:
+            return await call(ParseMode.HTML, to_html(text))  # type: ignore[operator, no-any-return]
+        except BadRequest as error:
+            if "can't parse entities" not in error.message.lower():
+                raise
+            log.warning("Telegram refused the HTML of a reply; sending it as plain text")
+            return await call(None, text)  # type: ignore[operator, no-any-return]
+
+
+def _seconds(retry_after: object) -> float:
+    total = getattr(retry_after, "total_seconds", None)
+    return float(total()) if callable(total) else float(retry_after)  # type: ignore[arg-type]
+
+
+async def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
+    """Turn notices into italic lines; pass model text through."""
+    separator = ""
+    async for part in parts:
+        yield f"{separator}_{part.text}_\n" if isinstance(part, Notice) else part
+        separator = "\n"
+
+
+class TelegramChat:
+    """Translate Telegram updates into the core's types, and replies back into messages."""
+
+    def __init__(self, service: ConversationService, settings: TelegramSettings) -> None:
+        self._service = service
+        self._settings = settings
+        self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
+
+    def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
+        """The per-chat budgets every reply in that chat shares (most recent chats kept)."""
+        windows = self._windows.pop(chat_id, None) or [CallWindow(1, PER_CHAT_SECONDS)]
+        if group and len(windows) == 1:
+            windows.append(CallWindow(GROUP_PER_MINUTE, 60.0, reserve=GROUP_RESERVE))
+        self._windows[chat_id] = windows
+        while len(self._windows) > KNOWN_CHATS:
+            self._windows.popitem(last=False)
+        return windows
+
+    def is_admitted(self, message: Message) -> bool:
+        s, user = self._settings, message.from_user
+        if s.allowed_users and (user is None or user.id not in s.allowed_users):
+            return False
+        return not s.allowed_chats or message.chat.id in s.allowed_chats
+
+    def addressed_text(self, message: Message, username: str) -> str | None:
+        """The text meant for the bot, or None when a group message is not for it."""
+        text = message.text or ""
+        if not is_group(message):
+            return text
+        mention = f"@{username}"
+        if mention.lower() in text.lower():
+            start = text.lower().index(mention.lower())
+            return (text[:start] + text[start + len(mention) :]).strip()
+        replied = message.reply_to_message
+        if replied and replied.from_user and replied.from_user.username == username:
+            return text
+        prefix = self._settings.trigger_prefix
+        if prefix and text.startswith(prefix):
+            return text[len(prefix) :].strip()
+        return None
+
+    async def on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or not self.is_admitted(message):
+            return
+        text = self.addressed_text(message, context.bot.username)
+        if text is None:
+            return
+        user = message.from_user
+        incoming = Incoming(
+            conversation_of(message),
+            text,
+            author=Author(str(user.id), user.full_name) if user else None,
+            in_group=is_group(message),
+            message_id=str(message.message_id),
+        )
+        parts = render(self._service.respond(incoming))  # takes its place in line now
+        delivery = StreamingDelivery(
+            ChatSink(message),
+            TELEGRAM_LIMITS,
+            show_reasoning=self._settings.show_reasoning,
+            shared=self.windows_for(message.chat.id, is_group(message)),
+        )
+        await delivery.run(typing_until_first(message, parts))
+
+    async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if update.effective_message and self.is_admitted(update.effective_message):
+            await update.effective_message.reply_text(START_TEXT)
+
+    async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if update.effective_message and self.is_admitted(update.effective_message):
+            text = "In groups, mention me or reply to me.\n" + HELP_TEXT
+            await update.effective_message.reply_text(text)
+
+    async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or not self.is_admitted(message):
+            return
+        admins, user = self._settings.admins, message.from_user
+        if is_group(message) and admins and (user is None or user.id not in admins):
+            await message.reply_text("Only the bot's admins can reset a group's conversation.")
+            return
+        try:
+            await self._service.reset(conversation_of(message))
+        except StoreUnavailable:
+            await message.reply_text("I can't reach my conversation memory right now.")
+            return
+        await message.reply_text("Conversation forgotten; let's start over.")
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.warning("error while handling a Telegram update: %r", context.error)
+
+
+async def typing_until_first(message: Message, parts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Show "typing…" (renewed every 4 s, as Telegram drops it after 5) until the first text."""
+    first = asyncio.ensure_future(anext(parts, None))
+    while True:
+        with contextlib.suppress(TelegramError):  # typing is a courtesy, never a failure
+            await message.get_bot().send_chat_action(
+                message.chat.id, ChatAction.TYPING, message_thread_id=message.message_thread_id
+            )
+        done, _ = await asyncio.wait({first}, timeout=4.0)
+        if done:
+            break
+    head = first.result()
+    if head is None:
+        return
+    yield head
+    async for part in parts:
+        yield part
+
+
+def build_application(chat: TelegramChat, settings: TelegramSettings) -> Application:  # type: ignore[type-arg]
+    """Build the PTB application: one handler per concern, updates concurrent across chats."""
+    if settings.token is None:
+        raise TelegramSetupError("TELEGRAM_TOKEN is not set: get one from @BotFather")
+    builder = Application.builder().token(settings.token.get_secret_value())
+    if settings.base_url:
+        builder = builder.base_url(settings.base_url)
+    application = builder.concurrent_updates(True).build()
+    application.add_handler(CommandHandler("start", chat.on_start))
+    application.add_handler(CommandHandler("help", chat.on_help))
+    application.add_handler(CommandHandler("reset", chat.on_reset))
+    application.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, chat.on_text))
+    application.add_error_handler(chat.on_error)
+    return application
+
+
+async def run_telegram(service: ConversationService, settings: TelegramSettings) -> None:
+    """Run the bot, by long polling or as a webhook, until the task is cancelled."""
+    application = build_application(TelegramChat(service, settings), settings)
+    try:
+        async with application:
+            await application.bot.set_my_commands(COMMANDS)
+            await application.start()
+            assert application.updater is not None
+            if settings.webhook_url:
+                secret = settings.webhook_secret
+                await application.updater.start_webhook(
+                    listen=settings.webhook_listen,
+                    port=settings.webhook_port,
+                    url_path="telegram",
+                    webhook_url=settings.webhook_url,
+                    secret_token=secret.get_secret_value() if secret else None,
+                )
+            else:
+                await application.updater.start_polling(
+                    poll_interval=0.0, timeout=settings.poll_timeout
+                )
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await application.updater.stop()
+                await application.stop()
+    except InvalidToken as error:
+        raise TelegramSetupError("Telegram rejected TELEGRAM_TOKEN: check the token") from error
+
+
+class TelegramSetupError(RuntimeError):
+    """Telegram refused the bot's configuration; the message says what to change."""

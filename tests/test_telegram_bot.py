@@ -1,0 +1,247 @@
+"""The Telegram bot: the real python-telegram-bot Application against a local fake Bot API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from bots.core.models import ConversationKey, PromptMessage, Role
+from bots.core.service import ConversationService
+from bots.delivery.split import split_message
+from bots.platforms.telegram import run_telegram
+from bots.settings import TelegramSettings
+from bots.store.redis import RedisContextStore
+from tests.conftest import free_port
+from tests.fake_telegram import TOKEN, FakeTelegram, group_chat, person, private_chat
+from tests.fakes import ScriptedModel
+
+ADA = person(1, "Ada")
+BOB = person(2, "Bob")
+GROUP = group_chat(-1001)
+FORUM = group_chat(-1002, forum=True)
+
+
+class FixedModel(ScriptedModel):
+    def __init__(self, answer: Callable[[Sequence[PromptMessage]], str]) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def reply(self, prompt: Sequence[PromptMessage]) -> str:
+        return self.answer(prompt)
+
+
+def echo(prompt: Sequence[PromptMessage]) -> str:
+    return f"You said: {prompt[-1].content}"
+
+
+@dataclass
+class Bot:
+    fake: FakeTelegram
+    model: FixedModel
+    store: RedisContextStore
+
+    async def say(self, chat: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
+        sender = extra.pop("sender", ADA)
+        return await self.fake.push({"chat": chat, "from": sender, "text": text, **extra})
+
+    async def settle(self, chat_id: int, count: int = 1, within: float = 20.0) -> None:
+        """Wait for `count` replies in the chat, then until the bot is quiet."""
+        await self.fake.wait_for(lambda: len(self.fake.sent[chat_id]) >= count, within)
+        while True:
+            seen = self.writes()
+            await asyncio.sleep(1.7)
+            if self.writes() == seen:
+                return
+
+    def writes(self) -> int:
+        return sum(c.method != "getUpdates" for c in self.fake.calls)
+
+
+@pytest.fixture
+def settings() -> TelegramSettings:
+    return TelegramSettings(token=TOKEN, trigger_prefix="!ask", poll_timeout=1)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def bot(
+    settings: TelegramSettings, store: RedisContextStore, request: pytest.FixtureRequest
+) -> AsyncIterator[Bot]:
+    model = FixedModel(getattr(request, "param", echo))
+    async with FakeTelegram() as fake:
+        configured = settings.model_copy(update={"base_url": fake.base_url})
+        running = asyncio.create_task(run_telegram(ConversationService(store, model), configured))
+        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
+        yield Bot(fake, model, store)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_private_chat_is_answered_in_html_with_typing_first(bot: Bot) -> None:
+    await bot.say(private_chat(ADA), "hello <there> & co")
+    await bot.settle(ADA["id"])
+    assert bot.fake.shown(ADA["id"]) == ["You said: hello <there> & co"]
+    (send,) = bot.fake.calls_to("sendMessage", ADA["id"])
+    assert send.params["parse_mode"] == "HTML"
+    assert send.params["text"] == "You said: hello &lt;there&gt; &amp; co"
+    typing = bot.fake.calls_to("sendChatAction", ADA["id"])
+    assert typing and typing[0].at <= send.at and typing[0].params["action"] == "typing"
+    turns = await bot.store.load(ConversationKey("telegram", str(ADA["id"])))
+    assert [(t.role, t.content) for t in turns] == [
+        (Role.USER, "hello <there> & co"),
+        (Role.ASSISTANT, "You said: hello <there> & co"),
+    ]
+
+
+async def test_commands_are_registered(bot: Bot) -> None:
+    assert [c["command"] for c in bot.fake.commands] == ["start", "reset", "help"]
+
+
+async def test_in_groups_only_mentions_replies_and_the_prefix_are_answered(bot: Bot) -> None:
+    await bot.say(GROUP, "just humans talking")
+    await bot.say(GROUP, "@parley_bot what's up?")
+    await bot.settle(GROUP["id"])
+    await bot.say(GROUP, "and then?", reply_to_message=bot.fake.bot_message(GROUP, "earlier"))
+    await bot.settle(GROUP["id"], 2)
+    await bot.say(GROUP, "!ask anyone?", sender=BOB)
+    await bot.settle(GROUP["id"], 3)
+    assert bot.fake.shown(GROUP["id"]) == [
+        "You said: Ada: what's up?",
+        "You said: Ada: and then?",
+        "You said: Bob: anyone?",
+    ]
+    assert len(bot.model.prompts) == 3, "the humans' chatter cost no model call"
+
+
+async def test_a_forum_topic_is_its_own_conversation(bot: Bot) -> None:
+    await bot.say(FORUM, "@parley_bot in topic 5", message_thread_id=5, is_topic_message=True)
+    await bot.settle(FORUM["id"])
+    (send,) = bot.fake.calls_to("sendMessage", FORUM["id"])
+    assert send.params["message_thread_id"] == 5
+    topic = ConversationKey("telegram", str(FORUM["id"]), "5")
+    assert [t.content for t in await bot.store.load(topic)][:1] == ["in topic 5"]
+    assert await bot.store.load(ConversationKey("telegram", str(FORUM["id"]))) == []
+
+
+LONG = (
+    "Here is the code:\n```python\n"
+    + "".join(f"print('line {i}')  # a <comment> & more\n" for i in range(250))
+    + "```\nDone."
+)
+
+
+@pytest.mark.parametrize("bot", [lambda _: LONG], indirect=True)
+async def test_a_9000_character_answer_continues_with_its_code_block(bot: Bot) -> None:
+    assert len(LONG) > 9000
+    await bot.say(private_chat(ADA), "long please")
+    await bot.settle(ADA["id"], 3)
+    shown = bot.fake.shown(ADA["id"])
+    assert len(shown) == len(split_message(LONG, 4096)) == 3
+    assert all(len(text) <= 4096 for text in shown)
+    sends = [c.params["text"] for c in bot.fake.calls_to("sendMessage", ADA["id"])]
+    assert all(text.count("<pre>") == text.count("</pre>") for text in sends)
+    assert "".join(shown).count("print('line") == 250
+
+
+MARKDOWN_TRAPS = "Use *stars*, _under_scores_, [brackets](x), `a<b`, **bold** & 2 < 3 > 1 \\"
+
+
+@pytest.mark.parametrize("bot", [lambda _: MARKDOWN_TRAPS], indirect=True)
+async def test_markdown_that_would_break_markdown_v2_is_delivered(bot: Bot) -> None:
+    await bot.say(private_chat(ADA), "format")
+    await bot.settle(ADA["id"])
+    assert bot.fake.shown(ADA["id"]) == [
+        "Use *stars*, _under_scores_, [brackets](x), a<b, bold & 2 < 3 > 1 \\"
+    ]
+    assert all(c.status == 200 for c in bot.fake.calls_to("sendMessage"))
+
+
+async def test_if_telegram_still_refuses_the_html_the_text_goes_plain(bot: Bot) -> None:
+    bot.fake.reject_html = 1
+    await bot.say(private_chat(ADA), "**hi**")
+    await bot.settle(ADA["id"])
+    refused, plain = bot.fake.calls_to("sendMessage", ADA["id"])[:2]
+    assert refused.status == 400 and plain.status == 200 and "parse_mode" not in plain.params
+    assert bot.fake.shown(ADA["id"])[0].startswith("You said:")
+
+
+@pytest.mark.parametrize("bot", [lambda _: " ".join(f"w{i}" for i in range(120))], indirect=True)
+async def test_flood_control_mid_stream_keeps_the_final_text(bot: Bot) -> None:
+    bot.model.delay = 0.03
+    bot.fake.edit_interval = 3.0
+    await bot.say(private_chat(ADA), "stream")
+    await bot.settle(ADA["id"])
+    assert bot.fake.too_many() >= 1, "the fake's flood control fired"
+    assert bot.fake.shown(ADA["id"]) == [" ".join(f"w{i}" for i in range(120))]
+
+
+async def test_two_chats_at_once_and_two_messages_in_one_chat(bot: Bot) -> None:
+    bot.model.delay = 0.02
+    await asyncio.gather(
+        bot.say(private_chat(ADA), "first"),
+        bot.say(private_chat(ADA), "second"),
+        bot.say(private_chat(BOB), "other chat"),
+    )
+    await bot.settle(ADA["id"], 2)
+    await bot.settle(BOB["id"])
+    assert bot.fake.shown(ADA["id"]) == ["You said: first", "You said: second"]
+    assert bot.fake.shown(BOB["id"]) == ["You said: other chat"]
+    turns = await bot.store.load(ConversationKey("telegram", str(ADA["id"])))
+    assert [t.content for t in turns] == ["first", "You said: first", "second", "You said: second"]
+
+
+async def test_reset_clears_the_conversation(bot: Bot) -> None:
+    await bot.say(private_chat(ADA), "remember")
+    await bot.settle(ADA["id"])
+    await bot.say(
+        private_chat(ADA), "/reset", entities=[{"type": "bot_command", "offset": 0, "length": 6}]
+    )
+    await bot.settle(ADA["id"], 2)
+    assert bot.fake.shown(ADA["id"])[-1] == "Conversation forgotten; let's start over."
+    assert await bot.store.load(ConversationKey("telegram", str(ADA["id"]))) == []
+
+
+def secret(token: str) -> dict[str, str]:
+    return {"X-Telegram-Bot-Api-Secret-Token": token}
+
+
+async def test_a_webhook_with_a_wrong_secret_is_rejected(store: RedisContextStore) -> None:
+    port = free_port()
+    async with FakeTelegram() as fake:
+        settings = TelegramSettings(
+            token=TOKEN,  # type: ignore[arg-type]
+            base_url=fake.base_url,
+            webhook_url="https://bots.example.com/telegram",
+            webhook_secret="s3cret-webhook-token",  # type: ignore[arg-type]
+            webhook_listen="127.0.0.1",
+            webhook_port=port,
+        )
+        service = ConversationService(store, FixedModel(echo))
+        running = asyncio.create_task(run_telegram(service, settings))
+        await fake.wait_for(lambda: bool(fake.calls_to("setWebhook")), 15)
+        assert fake.webhook["secret_token"] == "s3cret-webhook-token"
+        message = {"message_id": 1, "date": 0, "chat": private_chat(ADA), "from": ADA}
+        update = {"update_id": 1, "message": {**message, "text": "via hook"}}
+        url = f"http://127.0.0.1:{port}/telegram"
+        async with httpx.AsyncClient() as client:
+            for _ in range(50):
+                try:
+                    wrong = await client.post(url, json=update, headers=secret("nope"))
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            right = await client.post(
+                url,
+                json=update,
+                headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-webhook-token"},
+            )
+        assert wrong.status_code == 403 and right.status_code == 200
+        await fake.wait_for(lambda: bool(fake.sent[ADA["id"]]), 10)
+        assert not fake.calls_to("getUpdates"), "webhook mode does not poll"
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert fake.shown(ADA["id"]) == ["You said: via hook"]
