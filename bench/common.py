@@ -8,10 +8,12 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bots.core.models import Chunk, PromptMessage, Usage
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +59,35 @@ async def stub_model_server(text: str | None = None) -> AsyncIterator[str]:
     finally:
         process.terminate()
         await process.wait()
+
+
+class PacedModel:
+    """A stub chat model streaming `tokens` five-character tokens at a fixed rate.
+
+    With `echo`, the reply starts with the user's message, so each reply is recognisable.
+    It remembers when it yielded its last token.
+    """
+
+    def __init__(self, tokens_per_second: float = 50, *, echo: bool = False) -> None:
+        self.tokens_per_second = tokens_per_second
+        self.echo = echo
+        self.tokens = 0
+        self.last_token_at = 0.0
+
+    async def context_window(self) -> int:
+        return 8192
+
+    def expected(self, message: str) -> str:
+        words = "".join(f"w{index % 1000:03d} " for index in range(self.tokens))
+        return (f"{message}: " if self.echo else "") + words
+
+    async def stream(
+        self, prompt: Sequence[PromptMessage], *, session: str
+    ) -> AsyncIterator[Chunk]:
+        if self.echo:
+            yield Chunk(text=f"{prompt[-1].content}: ")
+        for index in range(self.tokens):
+            await asyncio.sleep(1 / self.tokens_per_second)
+            yield Chunk(text=f"w{index % 1000:03d} ")
+            self.last_token_at = time.monotonic()
+        yield Chunk(usage=Usage(len(prompt), self.tokens))

@@ -13,39 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import AsyncIterator, Sequence
 
-from bench.common import machine
-from bots.core.models import Chunk, PromptMessage, Usage
+from bench.common import PacedModel, machine
 from bots.core.service import ConversationService
 from bots.platforms.discord import DISCORD_LIMITS, run_discord
 from bots.settings import DiscordSettings
 from tests.fake_discord import OPEN_CHANNEL_ID, SNOWFLAKE, Call, FakeDiscord, user
 from tests.fakes import MemoryStore
 
-TOKENS_PER_SECOND = 50
 REPLY_TOKENS = (150, 150, 150, 150, 600)
-
-
-class PacedModel:
-    """Streams `tokens` five-character tokens at a fixed rate; remembers its last token's time."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.last_token_at = 0.0
-
-    async def context_window(self) -> int:
-        return 8192
-
-    async def stream(
-        self, prompt: Sequence[PromptMessage], *, session: str
-    ) -> AsyncIterator[Chunk]:
-        for index in range(self.tokens):
-            await asyncio.sleep(1 / TOKENS_PER_SECOND)
-            yield Chunk(text=f"w{index % 1000:03d} ")
-            self.last_token_at = time.monotonic()
-        yield Chunk(usage=Usage(len(prompt), self.tokens))
 
 
 def final_text(calls: list[Call], path: str) -> str:
@@ -73,7 +49,7 @@ async def main() -> None:
         bot = asyncio.create_task(run_discord(ConversationService(MemoryStore(), model), settings))
         await asyncio.wait_for(fake.identified.wait(), 30)
         await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 30)
-        print(f"stub model: {TOKENS_PER_SECOND} tokens/s; limits: {DISCORD_LIMITS}")
+        print(f"stub model: {model.tokens_per_second} tokens/s; limits: {DISCORD_LIMITS}")
         print("| tokens | characters | messages | API calls | most in 5 s | last token to final |")
         print("|---|---|---|---|---|---|")
         for tokens in REPLY_TOKENS:
@@ -84,13 +60,13 @@ async def main() -> None:
                 "MESSAGE_CREATE", fake.message(OPEN_CHANNEL_ID, "go", author=author)
             )
             path = f"/channels/{OPEN_CHANNEL_ID}/messages"
-            expected = "".join(f"w{i % 1000:03d} " for i in range(tokens)).strip()
+            expected = model.expected("go").strip()
 
             shown = functools.partial(final_text, path=path)
             wanted = expected.replace(" ", "")
             await fake.wait_for(
                 lambda: shown(fake.calls[start:]).replace(" ", "") == wanted,  # noqa: B023
-                tokens / TOKENS_PER_SECOND + 30,
+                tokens / model.tokens_per_second + 30,
             )
             calls = [
                 c

@@ -274,7 +274,7 @@ class FakeTelegram:
             self.reject_html = max(0, self.reject_html - 1)
             problem = html_error(text) or 'unsupported start tag "x" at byte offset 0'
             return self._error(400, f"Bad Request: can't parse entities: {problem}")
-        shown = visible(text, parse_mode)
+        shown = visible(text, parse_mode).strip()  # Telegram trims messages
         if len(shown) > 4096:
             return self._error(400, "Bad Request: message is too long")
         if (

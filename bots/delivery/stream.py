@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections import deque
@@ -10,12 +11,15 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from bots.core.service import Place
 from bots.delivery.split import split_message
 
 Ref = TypeVar("Ref")
 
-FINAL_ATTEMPTS = 8
+# The final text is retried, waiting out budgets and 429s, for this long at most.
+FINAL_DEADLINE_S = 600.0
 EMPTY_REPLY = "(The model gave no answer.)"
+log = logging.getLogger(__name__)
 _REASONING = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.DOTALL)
 
 
@@ -130,6 +134,7 @@ class StreamingDelivery(Generic[Ref]):
         *,
         show_reasoning: bool = False,
         shared: Sequence[CallWindow] = (),
+        after: Place | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
@@ -141,6 +146,7 @@ class StreamingDelivery(Generic[Ref]):
         self._next_update = 0.0
         self._last_update = -float("inf")
         self._windows = [CallWindow(limits.burst, limits.window), *shared]
+        self._after = after
         self.report = Report()
 
     def _visible(self) -> str:
@@ -157,6 +163,8 @@ class StreamingDelivery(Generic[Ref]):
 
         pumping = asyncio.create_task(pump())
         try:
+            if self._after is not None:  # replies in a chat appear in the order asked
+                await self._after.wait()
             while not pumping.done():
                 waiter = asyncio.create_task(changed.wait())
                 await asyncio.wait({pumping, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -169,17 +177,24 @@ class StreamingDelivery(Generic[Ref]):
                 changed.clear()
                 await self._update(final=False)
             await pumping
+            await self._finish()
         finally:
             pumping.cancel()
-        await self._finish()
+            if self._after is not None:
+                self._after.leave()
         return self.report
 
     async def _finish(self) -> None:
-        for _ in range(FINAL_ATTEMPTS):
+        """Deliver the final text, however long the budgets and the platform make us wait."""
+        give_up_at = self._clock() + FINAL_DEADLINE_S
+        while True:
             delay = self._wait_before(final=True)
             if delay > 0:
                 await asyncio.sleep(delay)
             if await self._update(final=True):
+                break
+            if self._clock() > give_up_at:
+                log.error("final text not delivered after %.0f s", FINAL_DEADLINE_S)
                 break
         self.report.finished_at = self._clock()
         self.report.messages = len(self._shown)

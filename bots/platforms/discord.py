@@ -15,7 +15,7 @@ from discord.http import Route
 
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
 from bots.core.ports import StoreUnavailable
-from bots.core.service import HELP_TEXT, ConversationService
+from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
 from bots.settings import DiscordSettings
 
@@ -128,6 +128,7 @@ class DiscordChat:
         self._service = service
         self._settings = settings
         self._policy = AccessPolicy(settings)
+        self._replies = ArrivalLine()
 
     def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Answer DMs, mentions, replies to the bot, and every message in open channels."""
@@ -173,11 +174,13 @@ class DiscordChat:
             in_group=message.guild is not None,
             message_id=str(message.id),
         )
+        # Both take their places in line now, before any await: arrival order.
         parts = render(self._service.respond(incoming))
         delivery = StreamingDelivery(
             ChannelSink(message.channel, message),
             DISCORD_LIMITS,
             show_reasoning=self._settings.show_reasoning,
+            after=self._replies.join(message.channel.id),
         )
         try:
             await delivery.run(typing_until_first(message.channel, parts))

@@ -15,7 +15,7 @@ from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandl
 
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
 from bots.core.ports import StoreUnavailable
-from bots.core.service import HELP_TEXT, ConversationService
+from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
@@ -112,6 +112,7 @@ class TelegramChat:
         self._service = service
         self._settings = settings
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
+        self._replies = ArrivalLine()
 
     def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
         """The per-chat budgets every reply in that chat shares (most recent chats kept)."""
@@ -161,12 +162,14 @@ class TelegramChat:
             in_group=is_group(message),
             message_id=str(message.message_id),
         )
-        parts = render(self._service.respond(incoming))  # takes its place in line now
+        # Both take their places in line now, before any await: arrival order.
+        parts = render(self._service.respond(incoming))
         delivery = StreamingDelivery(
             ChatSink(message),
             TELEGRAM_LIMITS,
             show_reasoning=self._settings.show_reasoning,
             shared=self.windows_for(message.chat.id, is_group(message)),
+            after=self._replies.join(message.chat.id),
         )
         await delivery.run(typing_until_first(message, parts))
 
