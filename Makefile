@@ -48,6 +48,7 @@ bench: setup model
 	$(PY) -m bench.bot_overhead
 	$(PY) -m bench.service_throughput
 	$(PY) -m bench.discord_delivery
+	$(PY) -m bench.telegram_flood
 	$(PY) -m bench.engine_batching
 
 clean:
