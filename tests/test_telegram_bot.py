@@ -245,3 +245,15 @@ async def test_a_webhook_with_a_wrong_secret_is_rejected(store: RedisContextStor
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
     assert fake.shown(ADA["id"]) == ["You said: via hook"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [TelegramSettings(token=TOKEN, allowed_users=frozenset({1}), poll_timeout=1)],  # type: ignore[arg-type]
+)
+async def test_only_allowed_users_are_answered(bot: Bot) -> None:
+    await bot.say(private_chat(BOB), "let me in", sender=BOB)
+    await bot.say(private_chat(ADA), "hello")
+    await bot.settle(ADA["id"])
+    assert bot.fake.shown(ADA["id"]) == ["You said: hello"]
+    assert bot.fake.shown(BOB["id"]) == [] and len(bot.model.prompts) == 1
