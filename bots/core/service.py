@@ -37,6 +37,8 @@ HELP_TEXT = (
     "/help   show this help"
 )
 
+RESET_TEXT = "Conversation forgotten; let's start over."
+
 # Tokens a chat template adds around each message (role markers, separators).
 MESSAGE_OVERHEAD_TOKENS = 8
 SHORTENED_SUFFIX = " [...]"
@@ -213,10 +215,14 @@ class ConversationService:
     def active_conversations(self) -> int:
         return len(self._line)
 
-    async def reset(self, key: ConversationKey) -> None:
-        """Forget a conversation; raises StoreUnavailable when the store is down."""
-        async with self._line.hold(key):
-            await self._store.clear(key)
+    async def reset(self, key: ConversationKey) -> str:
+        """Forget a conversation; return what to tell the user, a notice if the store is down."""
+        try:
+            async with self._line.hold(key):
+                await self._store.clear(key)
+        except StoreUnavailable:
+            return notice(NoticeKind.STORE_UNAVAILABLE).text
+        return RESET_TEXT
 
     async def edit(self, key: ConversationKey, message_id: str, text: str) -> bool:
         """Update the stored turn of an edited user message; False if it is not in context."""

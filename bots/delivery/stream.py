@@ -8,7 +8,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from bots.core.service import Place
@@ -111,7 +111,6 @@ class Report:
     rate_limited: int = 0
     messages: int = 0
     finished_at: float = 0.0
-    texts: list[str] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -198,7 +197,6 @@ class StreamingDelivery(Generic[Ref]):
                 break
         self.report.finished_at = self._clock()
         self.report.messages = len(self._shown)
-        self.report.texts = [text for _, text in self._shown]
 
     def _spend_call(self, *, final: bool) -> None:
         """Count a call against every window, or refuse it until they all have room."""

@@ -9,9 +9,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import TextIO
 
-from bots.core.models import Author, ConversationKey, Incoming, Notice, NoticeKind
-from bots.core.ports import StoreUnavailable
-from bots.core.service import HELP_TEXT, ConversationService, notice
+from bots.core.models import Author, ConversationKey, Incoming, Notice
+from bots.core.service import HELP_TEXT, ConversationService
 
 ReadLine = Callable[[], Awaitable[str | None]]
 
@@ -67,19 +66,11 @@ class ConsoleChat:
             if command == "/help":
                 self._say(CONSOLE_HELP)
             elif command == "/reset":
-                await self._reset()
+                self._say(await self._service.reset(self._key))
             elif command.startswith("/"):
                 self._say(f"Unknown command {command.split()[0]}.\n{CONSOLE_HELP}")
             else:
                 await self._reply(text)
-
-    async def _reset(self) -> None:
-        try:
-            await self._service.reset(self._key)
-        except StoreUnavailable:
-            self._show(notice(NoticeKind.STORE_UNAVAILABLE))
-        else:
-            self._say("Conversation forgotten; let's start over.")
 
     async def _reply(self, text: str) -> None:
         incoming = Incoming(self._key, text, author=self._author)

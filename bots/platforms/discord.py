@@ -14,7 +14,6 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
-from bots.core.ports import StoreUnavailable
 from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
 from bots.settings import DiscordSettings
@@ -203,11 +202,7 @@ class DiscordChat:
         await self._service.forget(conversation_of(channel, guild, channel_id), str(message_id))
 
     async def reset(self, key: ConversationKey) -> str:
-        try:
-            await self._service.reset(key)
-        except StoreUnavailable:
-            return "I can't reach my conversation memory right now; try again in a moment."
-        return "Conversation forgotten; let's start over."
+        return await self._service.reset(key)
 
 
 class ParleyDiscord(discord.Client):

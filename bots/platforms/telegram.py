@@ -14,7 +14,6 @@ from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
-from bots.core.ports import StoreUnavailable
 from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
 from bots.platforms.telegram_markup import to_html
@@ -190,12 +189,7 @@ class TelegramChat:
         if is_group(message) and admins and (user is None or user.id not in admins):
             await message.reply_text("Only the bot's admins can reset a group's conversation.")
             return
-        try:
-            await self._service.reset(conversation_of(message))
-        except StoreUnavailable:
-            await message.reply_text("I can't reach my conversation memory right now.")
-            return
-        await message.reply_text("Conversation forgotten; let's start over.")
+        await message.reply_text(await self._service.reset(conversation_of(message)))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.warning("error while handling a Telegram update: %r", context.error)
