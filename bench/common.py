@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Usage
 from tests.conftest import free_port
 
@@ -76,6 +77,12 @@ class PacedModel:
 
     async def context_window(self) -> int:
         return 8192
+
+    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
+        return bound_tokens(prompt)
+
+    async def special_tokens(self) -> list[str]:
+        return []
 
     def expected(self, message: str) -> str:
         words = "".join(f"w{index % 1000:03d} " for index in range(self.tokens))

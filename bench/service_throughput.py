@@ -20,6 +20,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bench.common import machine
+from bots.core.context import bound_tokens
 from bots.core.models import Chunk, ConversationKey, Incoming, PromptMessage, Usage
 from bots.core.service import ConversationService
 from bots.store.embedded import EmbeddedRedis
@@ -34,6 +35,12 @@ class InstantModel:
 
     async def context_window(self) -> int:
         return 8192
+
+    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
+        return bound_tokens(prompt)
+
+    async def special_tokens(self) -> list[str]:
+        return []
 
     async def stream(
         self, prompt: Sequence[PromptMessage], *, session: str

@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from openai import AsyncOpenAI
 
 from bots.core.models import Author, ConversationKey
-from bots.core.service import ConversationService
+from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.platforms.console import ConsoleChat, read_stdin_line
 from bots.platforms.discord import DiscordSetupError, run_discord
@@ -29,6 +29,7 @@ from bots.platforms.telegram import TelegramSetupError, run_telegram
 from bots.runtime import EngineStartError, local_inference, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
+from bots.store.limits import RedisLimiter
 from bots.store.redis import RedisContextStore
 from inference.settings import InferenceSettings
 
@@ -78,9 +79,30 @@ async def conversation_service(settings: BotSettings) -> AsyncIterator[Conversat
             retry_deadline=llm.retry_deadline,
             context_tokens=llm.context_tokens,
         )
-        yield ConversationService(
-            store, model, system_prompt=settings.chat.system_prompt, reply_tokens=llm.reply_tokens
+        limits = settings.limits
+        limiter = RedisLimiter(
+            redis,
+            prefix=settings.redis.key_prefix,
+            user_messages=limits.user_messages,
+            user_window=limits.user_window,
+            conversation_messages=limits.conversation_messages,
+            conversation_window=limits.conversation_window,
+            daily_tokens=limits.daily_tokens,
         )
+        yield ConversationService(store, model, limiter=limiter, policy=chat_policy(settings))
+
+
+def chat_policy(settings: BotSettings) -> ChatPolicy:
+    chat = settings.chat
+    return ChatPolicy(
+        system_prompt=chat.system_prompt,
+        reply_tokens=settings.llm.reply_tokens,
+        trim_target=chat.trim_target,
+        max_message_chars=chat.max_message_chars,
+        max_persona_chars=chat.max_persona_chars,
+        per_user_in_groups=chat.group_conversation == "user",
+        max_in_flight=settings.limits.max_in_flight,
+    )
 
 
 async def run_console(settings: BotSettings) -> None:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from bots.children import stop_child
 from bots.settings import RedisSettings
@@ -20,6 +20,7 @@ from bots.store.embedded import EmbeddedRedis
 log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S = 2.0
+REDIS_CONNECTIONS = 64  # per process; more concurrent commands wait for a free one
 ENGINE_START_TIMEOUT_S = 900.0
 ENGINE_STOP_TIMEOUT_S = 30.0
 
@@ -29,18 +30,30 @@ async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[R
     """Connect to REDIS_URL, or to an embedded Redis persisting under `data_dir/redis`."""
     embedded = None if settings.url else EmbeddedRedis(data_dir / "redis")
     url = settings.url.get_secret_value() if settings.url else await embedded.start()  # type: ignore[union-attr]
-    client = Redis.from_url(
-        url,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        health_check_interval=30,
-    )
+    client = connect_redis(url)
     try:
         yield client
     finally:
         await client.aclose()
         if embedded is not None:
             await embedded.stop()
+
+
+def connect_redis(url: str, *, max_connections: int = REDIS_CONNECTIONS) -> Redis:
+    """Make a client whose commands wait for a free connection instead of failing.
+
+    redis-py's default pool raises "Too many connections" past 100 commands at once,
+    which a busy bot reaches; a blocking pool queues them (up to the socket timeout).
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
 
 
 def health_url(base_url: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     AliasChoices,
@@ -46,6 +46,28 @@ class ChatSettings(BaseModel):
     system_prompt: str = Field(
         default="", description="Empty keeps the model's own default system prompt."
     )
+    group_conversation: Literal["channel", "user"] = Field(
+        default="channel", description="In groups, one conversation per channel or per member."
+    )
+    trim_target: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of the context a prompt keeps after a trim; 1.0 = sliding window.",
+    )
+    max_message_chars: int = Field(default=16_000, ge=100)
+    max_persona_chars: int = Field(default=4_000, ge=10)
+
+
+class LimitsSettings(BaseModel):
+    """Limits shared by every bot replica (kept in Redis); 0 turns a limit off."""
+
+    user_messages: int = Field(default=20, ge=0, description="Messages per user per window.")
+    user_window: float = Field(default=60.0, gt=0, description="Seconds.")
+    conversation_messages: int = Field(default=60, ge=0)
+    conversation_window: float = Field(default=60.0, gt=0)
+    daily_tokens: int = Field(default=0, ge=0, description="Tokens per user per UTC day.")
+    max_in_flight: int = Field(default=64, ge=1, description="Model requests at once.")
 
 
 def parse_ids(value: object) -> object:
@@ -78,6 +100,11 @@ class DiscordSettings(BaseModel):
     deny_roles: IdSet = frozenset()
     allow_users: IdSet = frozenset()
     deny_users: IdSet = frozenset()
+    admins: IdSet = Field(
+        default=frozenset(),
+        description="Users who may set personas and reset shared conversations, besides "
+        "members with the Manage Channels permission.",
+    )
     show_reasoning: bool = False
 
 
@@ -122,6 +149,7 @@ class BotSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     llm: LLMSettings = LLMSettings()
     chat: ChatSettings = ChatSettings()
+    limits: LimitsSettings = LimitsSettings()
     console: ConsoleSettings = ConsoleSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()

@@ -55,6 +55,10 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
         "--max-model-len", str(settings.max_model_len),
         "--max-num-seqs", str(settings.max_num_seqs),
         "--generation-config", "vllm",
+        # Parley's prompts keep their start from turn to turn for this cache.
+        "--enable-prefix-caching",
+        # Lists the tokenizer's special tokens, which Parley keeps out of user text.
+        "--enable-tokenizer-info-endpoint",
     ]  # fmt: skip
     if eager:
         argv.append("--enforce-eager")

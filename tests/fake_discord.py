@@ -182,6 +182,10 @@ class FakeDiscord:
                     int(parts[1]), body["content"], author=BOT_USER, message_id=int(parts[3])
                 )
             )
+        if parts[0] == "interactions" and parts[-1] == "callback":
+            flags = (body.get("data") or {}).get("flags", 0)
+            callback = {"id": parts[1], "type": 2, "response_message_ephemeral": bool(flags & 64)}
+            return _json({"interaction": callback})
         if parts[0] == "users" and parts[-1] == "channels":
             return _json({"id": str(DM_CHANNEL_ID), "type": 1, "recipients": [body]})
         return web.Response(status=204)

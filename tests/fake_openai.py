@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def count_words(text: str) -> int:
+    """The fake's tokenizer: one token per word."""
+    return len(text.split())
+
+
 @dataclass(frozen=True)
 class Reply:
     """Stream `text` as SSE chunks of `chunk_chars` characters, `delay` seconds apart."""
@@ -64,6 +69,8 @@ class FakeOpenAI:
     max_model_len: int = 2048
     model: str = "parley"
     requests: list[Recorded] = field(default_factory=list)
+    tokenizer_info: dict[str, Any] | None = None  # None: no /tokenizer_info page (404)
+    can_tokenize: bool = True  # False: no /tokenize page (404), like non-vLLM servers
     port: int = 0
     _server: asyncio.Server | None = None
     _served: int = 0
@@ -110,6 +117,20 @@ class FakeOpenAI:
         if path.endswith("/models"):
             card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
             await self._send_json(writer, 200, {"object": "list", "data": [card]})
+            return True
+        if path == "/tokenize" and not self.can_tokenize:
+            await self._send_json(writer, 404, {"detail": "Not Found"})
+            return True
+        if path == "/tokenize":
+            messages: list[dict[str, str]] = (body or {})["messages"]
+            count = sum(count_words(m["content"]) + 4 for m in messages) + 3
+            await self._send_json(
+                writer, 200, {"count": count, "max_model_len": self.max_model_len}
+            )
+            return True
+        if path == "/tokenizer_info":
+            info = self.tokenizer_info
+            await self._send_json(writer, 200 if info else 404, info or {"detail": "Not Found"})
             return True
         behaviour = self.script[min(self._served, len(self.script) - 1)]
         self._served += 1

@@ -120,6 +120,7 @@ class FakeTelegram:
     commands: list[dict[str, Any]] = field(default_factory=list)
     sent: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))  # bot's ids
     webhook: dict[str, Any] = field(default_factory=dict)
+    group_owners: set[int] = field(default_factory=set)  # getChatMember says "creator"
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
@@ -251,6 +252,13 @@ class FakeTelegram:
         if method == "setMyCommands":
             self.commands = params["commands"]
             return self._ok(True)
+        if method == "getChatMember":
+            user_id = int(params["user_id"])
+            if user_id in self.group_owners:
+                return self._ok(
+                    {"status": "creator", "user": person(user_id, "owner"), "is_anonymous": False}
+                )
+            return self._ok({"status": "member", "user": person(user_id, "member")})
         if method == "getUpdates":
             return self._ok(await self._poll(params.get("offset", 0), params.get("timeout", 0)))
         if method in ("sendMessage", "editMessageText"):

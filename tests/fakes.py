@@ -8,7 +8,18 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from bots.core.models import Chunk, ConversationKey, PromptMessage, Turn, Usage
+from bots.core.models import (
+    ADMITTED,
+    Admission,
+    Chunk,
+    ConversationKey,
+    ConversationState,
+    PromptMessage,
+    Role,
+    TokenUsage,
+    Turn,
+    Usage,
+)
 from bots.core.ports import ModelError, StoreUnavailable
 
 
@@ -17,6 +28,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.turns: dict[ConversationKey, list[Turn]] = defaultdict(list)
+        self.windows: dict[ConversationKey, int] = {}
+        self.counters: dict[ConversationKey, int] = defaultdict(int)
+        self.personas: dict[ConversationKey, str] = {}
         self.down = False
 
     def _check(self) -> None:
@@ -27,13 +41,42 @@ class MemoryStore:
         self._check()
         return list(self.turns[key])
 
-    async def append(self, key: ConversationKey, *turns: Turn) -> None:
+    async def append(
+        self,
+        key: ConversationKey,
+        *turns: Turn,
+        replacing: int | None = None,
+        window_start: int | None = None,
+    ) -> bool:
         self._check()
-        self.turns[key].extend(turns)
+        stored = self.turns[key]
+        if replacing is not None:
+            found = [i for i, t in enumerate(stored) if t.role is Role.USER and t.seq == replacing]
+            if not found:
+                return False
+            del stored[found[-1] :]
+        for turn in turns:
+            self.counters[key] += 1
+            stored.append(dataclasses.replace(turn, seq=self.counters[key]))
+        if window_start is not None:
+            self.windows[key] = window_start
+        return True
+
+    async def state(self, key: ConversationKey) -> ConversationState:
+        self._check()
+        return ConversationState(self.personas.get(key), self.windows.get(key))
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        self._check()
+        if persona is None:
+            self.personas.pop(key, None)
+        else:
+            self.personas[key] = persona
 
     async def clear(self, key: ConversationKey) -> None:
         self._check()
         self.turns.pop(key, None)
+        self.windows.pop(key, None)
 
     async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
         self._check()
@@ -63,12 +106,21 @@ class ScriptedModel:
     fail_after: int = 0
     prompts: list[list[PromptMessage]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    counted: int = 0
 
     def reply(self, prompt: Sequence[PromptMessage]) -> str:
         return f"echo {len(prompt)}: {prompt[-1].content}"
 
     async def context_window(self) -> int:
         return self.window
+
+    async def special_tokens(self) -> Sequence[str]:
+        return ["<|im_start|>", "<|im_end|>", "<repo_name>"]
+
+    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
+        """Count like a tokenizer of one token per word, plus the template's markers."""
+        self.counted += 1
+        return sum(len(m.content.split()) + 4 for m in prompt) + 3
 
     async def stream(
         self, prompt: Sequence[PromptMessage], *, session: str
@@ -88,3 +140,29 @@ class ScriptedModel:
                 prompt_tokens=sum(len(m.content) for m in prompt), completion_tokens=len(words)
             )
         )
+
+
+class MemoryLimiter:
+    """Limiter counting in dicts: `limit` messages per user, `budget` tokens a day."""
+
+    def __init__(self, *, limit: int | None = None, budget: int | None = None) -> None:
+        self.limit = limit
+        self.budget = budget
+        self.admitted: dict[str, int] = defaultdict(int)
+        self.tokens: dict[str, int] = defaultdict(int)
+
+    async def admit(self, user: str | None, conversation: ConversationKey) -> Admission:
+        if user is None:
+            return ADMITTED
+        if self.budget is not None and self.tokens[user] >= self.budget:
+            return Admission(False, 3600.0, "budget")
+        if self.limit is not None and self.admitted[user] >= self.limit:
+            return Admission(False, 30.0, "user")
+        self.admitted[user] += 1
+        return ADMITTED
+
+    async def charge(self, user: str, tokens: int) -> None:
+        self.tokens[user] += tokens
+
+    async def usage(self, user: str) -> TokenUsage:
+        return TokenUsage(self.tokens[user], self.budget, 3600.0)

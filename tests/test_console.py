@@ -42,9 +42,18 @@ async def test_reset_help_unknown_and_quit() -> None:
     store = MemoryStore()
     screen = await run(store, "hi\n", "/reset\n", "/help\n", "/nope\n", "/quit\n", "unreached\n")
     assert "Conversation forgotten" in screen
-    assert screen.count("/reset  forget this conversation") == 2, "help, and help after /nope"
-    assert "Unknown command /nope" in screen
+    assert screen.count("/reset    forget this conversation") == 2, "help, and help after /nope"
+    assert "/quit   leave" in screen
+    assert "I don't know /nope" in screen
     assert not store.turns[KEY], "reset cleared, and nothing after /quit was sent"
+
+
+async def test_persona_retry_and_usage_work_in_the_console() -> None:
+    store = MemoryStore()
+    screen = await run(store, "/persona set You are terse.\n", "hi\n", "/retry\n", "/usage\n")
+    assert "Persona set" in screen and store.personas[KEY] == "You are terse."
+    assert screen.count("parley> echo 2: hi") == 2, "answered, then answered again"
+    assert len(store.turns[KEY]) == 2 and "Token use isn't counted here." in screen
 
 
 async def test_store_outage_is_reported_and_the_chat_goes_on() -> None:

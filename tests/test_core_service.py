@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+from bots.core.context import bound_tokens
 from bots.core.models import (
     Author,
     ConversationKey,
@@ -17,7 +18,7 @@ from bots.core.models import (
     Turn,
 )
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable, StoreUnavailable
-from bots.core.service import ConversationService, build_prompt, estimate_tokens
+from bots.core.service import ChatPolicy, ConversationService
 from tests.fakes import MemoryStore, ScriptedModel
 
 KEY = ConversationKey("test", "chan")
@@ -27,7 +28,8 @@ def make(
     model: ScriptedModel | None = None, **options: int
 ) -> tuple[ConversationService, MemoryStore, ScriptedModel]:
     store, model = MemoryStore(), model or ScriptedModel()
-    return ConversationService(store, model, system_prompt="Be brief.", **options), store, model
+    policy = ChatPolicy(system_prompt="Be brief.", **options)  # type: ignore[arg-type]
+    return ConversationService(store, model, policy=policy), store, model
 
 
 async def collect(service: ConversationService, incoming: Incoming) -> list[ReplyPart]:
@@ -131,7 +133,7 @@ async def test_store_down_answers_with_a_notice_and_recovers() -> None:
 
 async def test_reply_that_cannot_be_saved_is_still_delivered_with_a_notice() -> None:
     class ReadOnlyStore(MemoryStore):
-        async def append(self, key: ConversationKey, *turns: Turn) -> None:
+        async def append(self, key: ConversationKey, *turns: Turn, **options: object) -> bool:
             raise StoreUnavailable("read-only replica")
 
     service = ConversationService(ReadOnlyStore(), ScriptedModel())
@@ -140,21 +142,20 @@ async def test_reply_that_cannot_be_saved_is_still_delivered_with_a_notice() -> 
 
 
 async def test_oversized_message_is_shortened_to_fit_with_a_notice() -> None:
-    service, _, model = make(ScriptedModel(window=1000), reply_tokens=200)
-    parts = await collect(service, Incoming(KEY, "x" * 50_000))
+    service, store, model = make(ScriptedModel(window=1000), reply_tokens=200)
+    parts = await collect(service, Incoming(KEY, "word " * 50_000))
     assert notices(parts) == [NoticeKind.MESSAGE_SHORTENED]
-    assert sum(estimate_tokens(m.content) for m in model.prompts[0]) <= 800
+    assert await model.count_tokens(model.prompts[0]) <= 800
+    assert text_of(parts).startswith("echo 2: word word")
+    assert len(store.turns[KEY][0].content) <= 16_000 + 6, "the stored text is capped too"
 
 
-async def test_history_is_dropped_oldest_first_to_fit() -> None:
-    history = [Turn(Role.USER, f"message {i} " + "y" * 80) for i in range(20)]
-    prompt = build_prompt("", history, Turn(Role.USER, "new"), budget_tokens=500)
-    contents = [m.content for m in prompt.messages]
-    assert contents[-1] == "new" and not prompt.shortened
-    assert sum(estimate_tokens(c) for c in contents) <= 500
-    assert contents[:-1] == [t.content for t in history[-len(contents) + 1 :]], (
-        "a suffix of history"
-    )
+async def test_message_over_the_character_cap_is_cut_before_it_is_stored() -> None:
+    service, store, model = make(max_message_chars=100)
+    parts = await collect(service, Incoming(KEY, "a" * 500))
+    assert notices(parts) == [NoticeKind.MESSAGE_SHORTENED]
+    assert store.turns[KEY][0].content == "a" * 100 + " [...]"
+    assert bound_tokens(model.prompts[0]) < 200
 
 
 async def test_group_messages_name_their_authors() -> None:

@@ -37,6 +37,7 @@ from tests.fake_discord import (
     SNOWFLAKE,
     THREAD_ID,
     TIMESTAMP,
+    Call,
     FakeDiscord,
     user,
 )
@@ -112,6 +113,17 @@ class Bot:
             await asyncio.sleep(1.5)
             if len(self.fake.calls) == seen:
                 return
+
+    async def command_answer(self, count: int = 1) -> str:
+        """The private answer to the `count`-th slash command."""
+
+        def callbacks() -> list[Call]:
+            return self.fake.calls_to("POST", "/interactions/")
+
+        await self.fake.wait_for(lambda: len(callbacks()) >= count)
+        callback = callbacks()[count - 1]
+        assert callback.body["type"] == 4 and callback.body["data"]["flags"] == 64, "ephemeral"
+        return str(callback.body["data"]["content"])
 
 
 def echo(prompt: Sequence[PromptMessage]) -> str:
@@ -275,7 +287,8 @@ async def test_a_429_on_an_edit_is_waited_out_and_the_final_text_arrives(bot: Bo
 
 async def test_slash_commands_are_registered_on_start_up(bot: Bot) -> None:
     (put,) = bot.fake.calls_to("PUT", "/commands")
-    assert sorted(command["name"] for command in put.body) == ["help", "reset"]
+    names = sorted(command["name"] for command in put.body)
+    assert names == ["help", "persona", "reset", "retry", "usage"]
 
 
 async def test_the_bot_asks_only_for_the_intents_it_needs(bot: Bot) -> None:
@@ -335,7 +348,17 @@ async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) 
     assert b"DEBUG" in err, "debug logging was on"
 
 
-def interaction(name: str, channel: int) -> dict[str, Any]:
+MANAGE_CHANNELS = str(1 << 4)
+
+
+def interaction(
+    name: str,
+    channel: int,
+    *,
+    permissions: str = "0",
+    options: list[dict[str, Any]] | None = None,
+    user: dict[str, Any] = ADA,
+) -> dict[str, Any]:
     """An application command invocation, as the gateway delivers it."""
     return {
         "id": str(SNOWFLAKE + 5000),
@@ -347,10 +370,10 @@ def interaction(name: str, channel: int) -> dict[str, Any]:
         "channel_id": str(channel),
         "channel": {"id": str(channel), "type": 0, "guild_id": str(GUILD_ID), "name": "general"},
         "member": {
-            "user": ADA, "roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
-            "flags": 0, "permissions": "0",
+            "user": user, "roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
+            "flags": 0, "permissions": permissions,
         },
-        "data": {"id": str(SNOWFLAKE + 6000), "name": name, "type": 1},
+        "data": {"id": str(SNOWFLAKE + 6000), "name": name, "type": 1, "options": options or []},
         "locale": "en-US",
         "guild_locale": "en-US",
         "app_permissions": "0",
@@ -367,11 +390,42 @@ async def test_reset_slash_command_clears_the_channel_and_answers_privately(bot:
     key = ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}")
     assert await bot.store.load(key)
     await bot.fake.dispatch("INTERACTION_CREATE", interaction("reset", OPEN_CHANNEL_ID))
-    await bot.fake.wait_for(lambda: bool(bot.fake.calls_to("POST", "/interactions/")))
-    (callback,) = bot.fake.calls_to("POST", "/interactions/")
-    assert callback.body["type"] == 4 and callback.body["data"]["flags"] == 64, "ephemeral"
-    assert "forgotten" in callback.body["data"]["content"]
+    refused = await bot.command_answer()
+    assert refused.startswith("Only admins") and await bot.store.load(key)
+    moderator = interaction("reset", OPEN_CHANNEL_ID, permissions=MANAGE_CHANNELS)
+    await bot.fake.dispatch("INTERACTION_CREATE", moderator)
+    assert "forgotten" in await bot.command_answer(2)
     assert await bot.store.load(key) == []
+
+
+async def test_persona_slash_commands_set_show_and_clear(bot: Bot) -> None:
+    def persona(action: str, permissions: str = MANAGE_CHANNELS, **value: str) -> dict[str, Any]:
+        options = [{"name": k, "type": 3, "value": v} for k, v in value.items()]
+        subcommand = [{"name": action, "type": 1, "options": options}]
+        return interaction("persona", CHANNEL_ID, permissions=permissions, options=subcommand)
+
+    await bot.fake.dispatch("INTERACTION_CREATE", persona("set", "0", text="Be rude."))
+    assert (await bot.command_answer(1)).startswith("Only admins")
+    await bot.fake.dispatch("INTERACTION_CREATE", persona("set", text="Speak like a pirate."))
+    assert (await bot.command_answer(2)).startswith("Persona set")
+    await bot.fake.dispatch("INTERACTION_CREATE", persona("show", "0"))
+    assert (await bot.command_answer(3)).endswith("Speak like a pirate.")
+    await bot.say(CHANNEL_ID, f"<@{BOT_ID}> ahoy", mentions=[BOT_MENTION])
+    await bot.settle(CHANNEL_ID)
+    assert bot.model.prompts[-1][0].content == "Speak like a pirate."
+
+
+async def test_retry_answers_again_in_the_channel_and_usage_answers_privately(bot: Bot) -> None:
+    await bot.say(OPEN_CHANNEL_ID, "question")
+    await bot.settle(OPEN_CHANNEL_ID)
+    await bot.fake.dispatch("INTERACTION_CREATE", interaction("retry", OPEN_CHANNEL_ID))
+    assert (await bot.command_answer()).startswith("Answering your last message again")
+    await bot.settle(OPEN_CHANNEL_ID, 2)
+    assert bot.shown(OPEN_CHANNEL_ID) == ["You said: ada: question"] * 2
+    key = ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}")
+    assert len(await bot.store.load(key)) == 2, "the answer was replaced, not added"
+    await bot.fake.dispatch("INTERACTION_CREATE", interaction("usage", OPEN_CHANNEL_ID))
+    assert await bot.command_answer(2) == "Token use isn't counted here."
 
 
 def test_access_policy_allow_and_deny_lists() -> None:

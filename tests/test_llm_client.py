@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import AsyncOpenAI
 
+from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Role, Usage
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
 from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, ServerError, parse_event, timeouts
@@ -119,3 +120,44 @@ def test_sse_lines_parse_into_text_usage_or_nothing() -> None:
     assert parse_event("data: [DONE]") == [] and parse_event(": keep-alive") == []
     with pytest.raises(ServerError, match="overloaded"):
         parse_event('data: {"error": {"message": "overloaded"}}')
+
+
+async def test_tokens_are_counted_by_the_server_with_its_chat_template() -> None:
+    async with FakeOpenAI() as server:
+        count = await model_for(server.base_url).count_tokens(PROMPT)
+    (request,) = [r for r in server.requests if r.path == "/tokenize"]
+    assert request.body == {
+        "model": "parley",
+        "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}],
+        "add_generation_prompt": True,
+    }
+    assert request.headers["authorization"] == "Bearer test-key"
+    assert count == (1 + 4) + (1 + 4) + 3
+
+
+async def test_without_tokenize_the_byte_bound_is_used_and_not_asked_again() -> None:
+    async with FakeOpenAI(can_tokenize=False) as server:
+        model = model_for(server.base_url)
+        first = await model.count_tokens(PROMPT)
+        second = await model.count_tokens(PROMPT)
+    assert first == second == bound_tokens(PROMPT)
+    assert len(server.requests) == 1, "asked once"
+
+
+async def test_special_tokens_come_from_the_tokenizer_info_page_once() -> None:
+    info = {
+        "added_tokens_decoder": {"0": "<|endoftext|>", "1": "<|im_start|>", "2": "<|im_end|>"},
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+    }
+    async with FakeOpenAI(tokenizer_info=info) as server:
+        model = model_for(server.base_url)
+        assert await model.special_tokens() == ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+        await model.special_tokens()
+    assert [r.path for r in server.requests] == ["/tokenizer_info"]
+
+
+async def test_a_server_without_tokenizer_info_has_no_listed_special_tokens() -> None:
+    async with FakeOpenAI() as server:
+        assert await model_for(server.base_url).special_tokens() == []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from bots.core.models import ConversationKey, Role, Turn, Usage
+from bots.core.models import ConversationKey, ConversationState, Role, Turn, Usage
 from bots.core.ports import StoreUnavailable
 from bots.store.redis import RedisContextStore, conversation_slot
 from tests.conftest import free_port
@@ -23,7 +24,8 @@ async def test_turns_round_trip_with_every_field(store: RedisContextStore) -> No
         Turn(Role.ASSISTANT, "hi\n```py\nx\n```", at=2.5, usage=Usage(30, 7)),
     ]
     await store.append(KEY, *turns)
-    assert await store.load(KEY) == turns
+    numbered = [dataclasses.replace(turn, seq=seq) for seq, turn in enumerate(turns, 1)]
+    assert await store.load(KEY) == numbered
 
 
 async def test_concurrent_appends_lose_nothing_and_keep_pairs_together(
@@ -126,3 +128,48 @@ async def test_a_turn_is_edited_and_removed_by_its_message_id(store: RedisContex
         ("a", None),
         ("b", None),
     ]
+
+
+async def test_turns_are_numbered_in_order_across_appends_and_trims(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    store = RedisContextStore(redis_client, prefix=key_prefix, max_turns=4, ttl_seconds=60)
+    for index in range(5):
+        await store.append(KEY, Turn(Role.USER, f"q{index}"), Turn(Role.ASSISTANT, f"a{index}"))
+    assert [t.seq for t in await store.load(KEY)] == [7, 8, 9, 10]
+
+
+async def test_a_regenerated_answer_replaces_the_exchange_atomically(
+    store: RedisContextStore,
+) -> None:
+    await store.append(KEY, Turn(Role.USER, "q1"), Turn(Role.ASSISTANT, "a1"))
+    await store.append(KEY, Turn(Role.USER, "q2"), Turn(Role.ASSISTANT, "a2"))
+    question = (await store.load(KEY))[2]
+    assert await store.append(
+        KEY, question, Turn(Role.ASSISTANT, "a2 again"), replacing=question.seq
+    )
+    assert [t.content for t in await store.load(KEY)] == ["q1", "a1", "q2", "a2 again"]
+    assert not await store.append(KEY, Turn(Role.ASSISTANT, "stale"), replacing=question.seq)
+    assert [t.content for t in await store.load(KEY)][-1] == "a2 again", "nothing stored"
+
+
+async def test_window_start_and_persona_are_kept_beside_the_turns(
+    store: RedisContextStore, redis_client: Redis
+) -> None:
+    assert await store.state(KEY) == ConversationState()
+    await store.append(KEY, Turn(Role.USER, "q"), window_start=7)
+    await store.set_persona(KEY, "Tu es un chat. 🐈")
+    assert await store.state(KEY) == ConversationState("Tu es un chat. 🐈", 7)
+    assert 0 < await redis_client.ttl(store.redis_key(KEY, "win")) <= 3600
+    await store.clear(KEY)
+    assert await store.state(KEY) == ConversationState("Tu es un chat. 🐈", None)
+    assert await store.load(KEY) == []
+    await store.set_persona(KEY, None)
+    assert await store.state(KEY) == ConversationState()
+
+
+async def test_every_key_of_a_conversation_is_in_one_cluster_slot(store: RedisContextStore) -> None:
+    tags = {
+        store.redis_key(KEY, kind).split("{", 1)[1] for kind in ("ctx", "win", "seq", "persona")
+    }
+    assert len(tags) == 1

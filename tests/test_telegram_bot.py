@@ -98,7 +98,8 @@ async def test_a_private_chat_is_answered_in_html_with_typing_first(bot: Bot) ->
 
 
 async def test_commands_are_registered(bot: Bot) -> None:
-    assert [c["command"] for c in bot.fake.commands] == ["start", "reset", "help"]
+    names = ["start", "reset", "retry", "usage", "persona", "help"]
+    assert [c["command"] for c in bot.fake.commands] == names
 
 
 async def test_in_groups_only_mentions_replies_and_the_prefix_are_answered(bot: Bot) -> None:
@@ -203,6 +204,47 @@ async def test_reset_clears_the_conversation(bot: Bot) -> None:
     await bot.settle(ADA["id"], 2)
     assert bot.fake.shown(ADA["id"])[-1] == "Conversation forgotten; let's start over."
     assert await bot.store.load(ConversationKey("telegram", str(ADA["id"]))) == []
+
+
+def command(text: str) -> dict[str, Any]:
+    return {"entities": [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]}
+
+
+async def test_in_a_group_only_its_administrators_set_the_persona(bot: Bot) -> None:
+    bot.fake.group_owners.add(BOB["id"])
+    await bot.say(GROUP, "/persona set You are a pirate.", **command("/persona"))
+    await bot.settle(GROUP["id"])
+    assert bot.fake.shown(GROUP["id"])[-1] == "Only admins can change my persona in a group."
+    text = "/persona@parley_bot set You are a pirate."
+    await bot.say(GROUP, text, sender=BOB, **command(text))
+    await bot.settle(GROUP["id"], 2)
+    assert bot.fake.shown(GROUP["id"])[-1].startswith("Persona set")
+    state = await bot.store.state(ConversationKey("telegram", str(GROUP["id"])))
+    assert state.persona == "You are a pirate."
+    await bot.say(GROUP, "@parley_bot hello")
+    await bot.settle(GROUP["id"], 3)
+    assert bot.model.prompts[-1][0].content == "You are a pirate."
+
+
+async def test_commands_for_another_bot_are_left_alone(bot: Bot) -> None:
+    await bot.say(GROUP, "/usage@other_bot", **command("/usage@other_bot"))
+    await bot.say(GROUP, "/usage", **command("/usage"))
+    await bot.settle(GROUP["id"])
+    assert len(bot.fake.sent[GROUP["id"]]) == 1
+    assert bot.fake.shown(GROUP["id"]) == ["Token use isn't counted here."]
+
+
+async def test_retry_answers_again_and_unknown_commands_get_help(bot: Bot) -> None:
+    await bot.say(private_chat(ADA), "question")
+    await bot.settle(ADA["id"])
+    await bot.say(private_chat(ADA), "/retry", **command("/retry"))
+    await bot.say(private_chat(ADA), "/frobnicate", **command("/frobnicate"))
+    await bot.settle(ADA["id"], 3)
+    shown = bot.fake.shown(ADA["id"])
+    assert shown[:2] == ["You said: question"] * 2
+    assert shown[2].startswith("I don't know /frobnicate.") and "/persona" in shown[2]
+    turns = await bot.store.load(ConversationKey("telegram", str(ADA["id"])))
+    assert [t.content for t in turns] == ["question", "You said: question"]
 
 
 def secret(token: str) -> dict[str, str]:

@@ -15,11 +15,13 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConversationKey:
-    """Identify one conversation: a platform, a channel or chat, and an optional thread."""
+    """Identify one conversation: a platform, a channel or chat, an optional thread, and
+    a user when each member of a group has a conversation of their own."""
 
     platform: str
     channel: str
     thread: str | None = None
+    user: str | None = None
 
     def __post_init__(self) -> None:
         if not self.platform or not self.channel:
@@ -29,7 +31,14 @@ class ConversationKey:
         parts = [self.platform, self.channel]
         if self.thread is not None:
             parts.append(self.thread)
+        if self.user is not None:
+            parts.append(f"user={self.user}")
         return "/".join(parts)
+
+    @property
+    def channel_key(self) -> ConversationKey:
+        """The key of the whole channel (or thread) this conversation is held in."""
+        return ConversationKey(self.platform, self.channel, self.thread)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,7 @@ class Turn:
     at: float = field(default_factory=time.time)
     usage: Usage | None = None
     message_id: str | None = None
+    seq: int | None = None  # the store numbers a conversation's turns 1, 2, 3... as it records them
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,7 @@ class Incoming:
     author: Author | None = None
     in_group: bool = False
     message_id: str | None = None
+    is_admin: bool = False  # may change what the whole conversation shares (persona, reset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +103,9 @@ class NoticeKind(enum.StrEnum):
     MODEL_REJECTED = "model_rejected"
     REPLY_INTERRUPTED = "reply_interrupted"
     STORE_UNAVAILABLE = "store_unavailable"
+    RATE_LIMITED = "rate_limited"
+    BUDGET_SPENT = "budget_spent"
+    QUEUED = "queued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +118,37 @@ class Notice:
 
 ReplyPart = str | Notice
 """What a reply stream yields: model text deltas, and notices from Parley."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """What Parley keeps about a conversation beside its turns.
+
+    `window_start` numbers the oldest turn the model still sees: the prompt's history
+    starts there, so it stays the same from turn to turn until the next trim (see
+    `bots.core.context`).
+    """
+
+    persona: str | None = None
+    window_start: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of a rate limiter: go ahead, or wait `retry_after` seconds."""
+
+    admitted: bool
+    retry_after: float = 0.0
+    reason: str = ""  # which limit refused: "user", "conversation" or "budget"
+
+
+ADMITTED = Admission(True)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """A user's tokens today and their daily budget (None: no budget)."""
+
+    used: int
+    budget: int | None
+    resets_in: float  # seconds until the day (UTC) turns

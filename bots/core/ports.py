@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from bots.core.models import Chunk, ConversationKey, PromptMessage, Turn
+from bots.core.models import (
+    Admission,
+    Chunk,
+    ConversationKey,
+    ConversationState,
+    PromptMessage,
+    TokenUsage,
+    Turn,
+)
 
 
 class StoreUnavailable(Exception):
@@ -33,12 +41,32 @@ class ContextStore(Protocol):
         """Return the conversation's stored turns, oldest first."""
         ...
 
-    async def append(self, key: ConversationKey, *turns: Turn) -> None:
-        """Append turns atomically: all of them are stored, or none."""
+    async def append(
+        self,
+        key: ConversationKey,
+        *turns: Turn,
+        replacing: int | None = None,
+        window_start: int | None = None,
+    ) -> bool:
+        """Append turns atomically: all of them are stored and numbered, or none.
+
+        `replacing` first drops the user turn of that number and every turn after it (a
+        regenerated answer replaces the old exchange); if that turn is gone, nothing is
+        stored and the result is False. `window_start` moves the conversation's context
+        window in the same step.
+        """
+        ...
+
+    async def state(self, key: ConversationKey) -> ConversationState:
+        """Return what is kept beside the turns: persona, context window start."""
+        ...
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        """Set the conversation's persona (its system prompt), or clear it with None."""
         ...
 
     async def clear(self, key: ConversationKey) -> None:
-        """Forget the conversation."""
+        """Forget the conversation's turns and window; its persona stays."""
         ...
 
     async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
@@ -57,4 +85,26 @@ class ChatModel(Protocol):
 
     async def context_window(self) -> int:
         """Return the model's maximum context length in tokens."""
+        ...
+
+    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
+        """Count the tokens the model reads for this prompt, chat template included."""
+        ...
+
+    async def special_tokens(self) -> Sequence[str]:
+        """List the texts the served tokenizer reads as special tokens (may be empty)."""
+        ...
+
+
+class Limiter(Protocol):
+    async def admit(self, user: str | None, conversation: ConversationKey) -> Admission:
+        """Count one message against the user's and the conversation's limits, if admitted."""
+        ...
+
+    async def charge(self, user: str, tokens: int) -> None:
+        """Add tokens to the user's total for today."""
+        ...
+
+    async def usage(self, user: str) -> TokenUsage:
+        """Return the user's tokens today and daily budget."""
         ...

@@ -1,20 +1,23 @@
-"""The one conversation flow: load context, ask the model, stream the reply, record it."""
+"""The one conversation flow: commands, limits, context, the model's reply, the record."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from bots.core.commands import HELP_TEXT, Command, parse_command
+from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
+from bots.core.line import ArrivalLine, Place
 from bots.core.models import (
+    Admission,
     ConversationKey,
     Incoming,
     Notice,
     NoticeKind,
-    PromptMessage,
     ReplyPart,
     Role,
     Turn,
@@ -23,28 +26,23 @@ from bots.core.models import (
 from bots.core.ports import (
     ChatModel,
     ContextStore,
+    Limiter,
     ModelError,
     ModelInterrupted,
     ModelRejected,
     StoreUnavailable,
 )
+from bots.core.text import clean_name, is_blank, neutralize, sanitize, special_token_pattern
 
 log = logging.getLogger(__name__)
 
-HELP_TEXT = (
-    "Talk to me and I answer, remembering this conversation.\n"
-    "/reset  forget this conversation and start over\n"
-    "/help   show this help"
-)
-
 RESET_TEXT = "Conversation forgotten; let's start over."
-
-# Tokens a chat template adds around each message (role markers, separators).
-MESSAGE_OVERHEAD_TOKENS = 8
-SHORTENED_SUFFIX = " [...]"
 
 _NOTICES = {
     NoticeKind.EMPTY_MESSAGE: "Send me some text and I'll answer.",
+    NoticeKind.MESSAGE_SHORTENED: (
+        "Your message is longer than I can read at once; I read only its beginning."
+    ),
     NoticeKind.MODEL_UNAVAILABLE: (
         "The model is unavailable right now. Your message is kept; try again in a moment."
     ),
@@ -58,6 +56,7 @@ _NOTICES = {
     NoticeKind.STORE_UNAVAILABLE: (
         "I can't reach my conversation memory right now; try again in a moment."
     ),
+    NoticeKind.QUEUED: "Many people are talking to me right now; you're in line.",
 }
 
 
@@ -66,135 +65,57 @@ def notice(kind: NoticeKind, text: str | None = None) -> Notice:
     return Notice(kind, text if text is not None else _NOTICES[kind])
 
 
-_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+def wait_text(seconds: float) -> str:
+    """Say a wait the way people do: "12 s", "3 min", "5 h 20 min"."""
+    seconds = max(1, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(-(-seconds // 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
-def sanitize(text: str) -> str:
-    """Replace lone surrogates (undecodable input) with U+FFFD so the text encodes as UTF-8."""
-    return _LONE_SURROGATES.sub("\ufffd", text)
-
-
-def estimate_tokens(text: str) -> int:
-    """Bound a text's token count from above.
-
-    A byte-level BPE tokenizer (GPT-2 family, SmolLM2, Llama 3, Qwen) never emits more
-    tokens than the text has UTF-8 bytes, so the byte count is a safe upper bound.
-    """
-    return len(text.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS
-
-
-def shorten_to_tokens(text: str, tokens: int) -> str:
-    """Cut `text` so that `estimate_tokens` of the result is at most `tokens`."""
-    budget = tokens - MESSAGE_OVERHEAD_TOKENS - len(SHORTENED_SUFFIX)
-    if budget <= 0:
-        return ""
-    cut = text.encode("utf-8")[:budget].decode("utf-8", "ignore")
-    return cut + SHORTENED_SUFFIX
+def limited_notice(admission: Admission) -> Notice:
+    """Tell a refused user which limit they met and when to try again."""
+    wait = wait_text(admission.retry_after)
+    if admission.reason == "budget":
+        text = f"You've used today's tokens; the count starts again in {wait} (midnight UTC)."
+        return notice(NoticeKind.BUDGET_SPENT, text)
+    if admission.reason == "conversation":
+        text = f"This conversation is getting more messages than I can answer; try in {wait}."
+    else:
+        text = f"You're sending messages faster than I can answer; try again in {wait}."
+    return notice(NoticeKind.RATE_LIMITED, text)
 
 
 @dataclass(frozen=True, slots=True)
-class Prompt:
-    messages: list[PromptMessage]
-    shortened: bool
+class ChatPolicy:
+    """How conversations are held (from the CHAT_*, LLM_REPLY_TOKENS and LIMITS_* settings).
 
-
-def render(turn: Turn) -> PromptMessage:
-    """Turn a stored turn into the message the model sees, naming group authors."""
-    if turn.role is Role.USER and turn.name:
-        return PromptMessage(turn.role, f"{turn.name}: {turn.content}")
-    return PromptMessage(turn.role, turn.content)
-
-
-def build_prompt(
-    system_prompt: str, history: Sequence[Turn], new: Turn, *, budget_tokens: int
-) -> Prompt:
-    """Fit the system prompt, the newest history and the new turn into a token budget.
-
-    The new message is shortened when it cannot fit on its own; history is dropped
-    oldest first.
-    """
-    system = [PromptMessage(Role.SYSTEM, system_prompt)] if system_prompt else []
-    left = budget_tokens - sum(estimate_tokens(m.content) for m in system)
-    current = render(new)
-    shortened = estimate_tokens(current.content) > left
-    if shortened:
-        current = PromptMessage(current.role, shorten_to_tokens(current.content, left))
-    left -= estimate_tokens(current.content)
-    kept: list[PromptMessage] = []
-    for turn in reversed(history):
-        message = render(turn)
-        left -= estimate_tokens(message.content)
-        if left < 0:
-            break
-        kept.append(message)
-    kept.reverse()
-    return Prompt([*system, *kept, current], shortened)
-
-
-class Place:
-    """A place in one conversation's line: its turn comes when everyone before has left.
-
-    Leaving is idempotent, and happens when the holder is garbage collected too, so a
-    reply stream that was created but never consumed cannot block the conversation.
+    Args:
+        system_prompt: the default system prompt; empty keeps the model's own.
+        reply_tokens: room kept in the context for the reply.
+        trim_target: share of the budget a prompt keeps after a trim (1.0: sliding window).
+        max_message_chars: longer messages are cut here before they are stored.
+        max_persona_chars: the longest persona an admin may set.
+        per_user_in_groups: in groups, each member has a conversation of their own.
+        max_in_flight: model requests at once from this process; more wait in line.
     """
 
-    def __init__(self, before: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
-        self._before = before
-        self.done = done
-
-    async def wait(self) -> None:
-        if self._before is not None:
-            await asyncio.shield(self._before)
-
-    def leave(self) -> None:
-        if self.done.done():
-            return
-        if self._before is None or self._before.done():
-            self.done.set_result(None)
-        else:  # left before its turn: the next in line still waits for the one before
-            self._before.add_done_callback(lambda _: self.leave())
-
-    def __del__(self) -> None:
-        if not self.done.get_loop().is_closed():
-            self.leave()
-
-
-class ArrivalLine:
-    """Serve each key's holders strictly in the order they arrived; keys run concurrently."""
-
-    def __init__(self) -> None:
-        self._last: dict[Hashable, asyncio.Future[None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._last)
-
-    def join(self, key: Hashable) -> Place:
-        """Take a place now, synchronously: call order is arrival order."""
-        done = asyncio.get_running_loop().create_future()
-        place = Place(self._last.get(key), done)
-        self._last[key] = done
-        done.add_done_callback(lambda _: self._forget(key, done))
-        return place
-
-    def _forget(self, key: Hashable, done: asyncio.Future[None]) -> None:
-        if self._last.get(key) is done:
-            del self._last[key]
-
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        place = self.join(key)
-        try:
-            await place.wait()
-            yield
-        finally:
-            place.leave()
+    system_prompt: str = ""
+    reply_tokens: int = 512
+    trim_target: float = 0.5
+    max_message_chars: int = 16_000
+    max_persona_chars: int = 4_000
+    per_user_in_groups: bool = False
+    max_in_flight: int = 64
 
 
 class ConversationService:
-    """Answer incoming messages with the model, keeping each conversation's context.
+    """Answer incoming messages and commands, keeping each conversation's context.
 
     Messages of one conversation are answered one at a time, in arrival order;
-    different conversations proceed concurrently.
+    different conversations proceed concurrently, at most `max_in_flight` model
+    requests at once.
     """
 
     def __init__(
@@ -202,27 +123,27 @@ class ConversationService:
         store: ContextStore,
         model: ChatModel,
         *,
-        system_prompt: str = "",
-        reply_tokens: int = 512,
+        limiter: Limiter | None = None,
+        policy: ChatPolicy = ChatPolicy(),
     ) -> None:
         self._store = store
         self._model = model
-        self._system_prompt = system_prompt
-        self._reply_tokens = reply_tokens
+        self._limiter = limiter
+        self._policy = policy
+        self._fitter = ContextFitter(model.count_tokens, target=policy.trim_target)
         self._line = ArrivalLine()
+        self._slots = asyncio.Semaphore(policy.max_in_flight)
+        self._markers: re.Pattern[str] | None = None
 
     @property
     def active_conversations(self) -> int:
         return len(self._line)
 
-    async def reset(self, key: ConversationKey) -> str:
-        """Forget a conversation; return what to tell the user, a notice if the store is down."""
-        try:
-            async with self._line.hold(key):
-                await self._store.clear(key)
-        except StoreUnavailable:
-            return notice(NoticeKind.STORE_UNAVAILABLE).text
-        return RESET_TEXT
+    def conversation_of(self, incoming: Incoming) -> ConversationKey:
+        """The conversation a message belongs to: its channel's, or in groups its author's."""
+        if self._policy.per_user_in_groups and incoming.in_group and incoming.author:
+            return dataclasses.replace(incoming.key, user=incoming.author.id)
+        return incoming.key
 
     async def edit(self, key: ConversationKey, message_id: str, text: str) -> bool:
         """Update the stored turn of an edited user message; False if it is not in context."""
@@ -239,75 +160,200 @@ class ConversationService:
         return await self._store.load(key)
 
     def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
-        """Stream the reply to a message: model text deltas, and notices from Parley.
+        """Stream the answer to a message or command: text, and notices from Parley.
 
         The message takes its place in its conversation's line when this is called, so
         replies come in the order of the calls. Consume the stream to the end or close it
         (`contextlib.aclosing`): the conversation waits for it while it is open.
         """
-        return self._respond(incoming, self._line.join(incoming.key))
+        key = self.conversation_of(incoming)
+        return self._respond(incoming, key, self._line.join(key))
 
-    async def _respond(self, incoming: Incoming, place: Place) -> AsyncGenerator[ReplyPart, None]:
+    async def _respond(
+        self, incoming: Incoming, key: ConversationKey, place: Place
+    ) -> AsyncGenerator[ReplyPart, None]:
         try:
             await place.wait()
-            async for part in self._answer(incoming):
+            text = sanitize(incoming.text)
+            if (command := parse_command(text)) is not None:
+                parts = self._command(command, incoming, key)
+            elif is_blank(text):
+                parts = _one(notice(NoticeKind.EMPTY_MESSAGE))
+            else:
+                limit = self._policy.max_message_chars
+                turn = self._user_turn(
+                    incoming, text[:limit] + SHORTENED_SUFFIX if len(text) > limit else text
+                )
+                parts = self._reply(incoming, key, turn, cut=len(text) > limit)
+            async for part in parts:
                 yield part
         finally:
             place.leave()
 
-    async def _answer(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
-        text = sanitize(incoming.text)
-        if not text.strip():
-            yield notice(NoticeKind.EMPTY_MESSAGE)
-            return
+    @staticmethod
+    def _user_turn(incoming: Incoming, text: str) -> Turn:
         author = incoming.author
-        name = sanitize(author.display_name) if incoming.in_group and author else None
-        user_turn = Turn(Role.USER, text, name=name, message_id=incoming.message_id)
+        name = clean_name(author.display_name) if incoming.in_group and author else None
+        return Turn(Role.USER, text, name=name or None, message_id=incoming.message_id)
+
+    async def _command(
+        self, command: Command, incoming: Incoming, key: ConversationKey
+    ) -> AsyncGenerator[ReplyPart, None]:
+        if command.name == "retry":
+            async for part in self._reply(incoming, key, None):
+                yield part
+            return
         try:
-            history = await self._store.load(incoming.key)
-            budget = await self._model.context_window() - self._reply_tokens
+            if command.name == "help":
+                yield HELP_TEXT
+            elif command.name == "reset":
+                yield await self._reset(incoming, key)
+            elif command.name == "usage":
+                yield await self._usage(incoming)
+            elif command.name == "persona":
+                yield await self._persona(command.args, incoming, key)
+            else:
+                yield f"I don't know /{command.name}.\n{HELP_TEXT}"
         except StoreUnavailable:
-            log.warning("context store unavailable", extra={"conversation": str(incoming.key)})
+            yield notice(NoticeKind.STORE_UNAVAILABLE)
+
+    async def _reset(self, incoming: Incoming, key: ConversationKey) -> str:
+        shared = incoming.in_group and key.user is None
+        if shared and not incoming.is_admin:
+            return "Only admins can reset a conversation the whole group shares."
+        await self._store.clear(key)
+        return RESET_TEXT
+
+    async def _usage(self, incoming: Incoming) -> str:
+        user = _user_of(incoming)
+        if self._limiter is None or user is None:
+            return "Token use isn't counted here."
+        usage = await self._limiter.usage(user)
+        if usage.budget is None:
+            return f"You have used {usage.used:,} tokens today (UTC); there is no daily limit."
+        return (
+            f"You have used {usage.used:,} of your {usage.budget:,} tokens today; the count "
+            f"starts again in {wait_text(usage.resets_in)} (midnight UTC)."
+        )
+
+    async def _persona(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
+        action, _, text = args.partition(" ")
+        channel = key.channel_key
+        if action in ("", "show"):
+            persona = (await self._store.state(channel)).persona
+            if persona is None:
+                return "No persona is set here; I use the default system prompt."
+            return f"My persona here:\n{persona}"
+        if action not in ("set", "clear"):
+            return "Use /persona, /persona set <text> or /persona clear."
+        if incoming.in_group and not incoming.is_admin:
+            return "Only admins can change my persona in a group."
+        if action == "clear":
+            await self._store.set_persona(channel, None)
+            return "Persona cleared; I use the default system prompt again."
+        persona = text.strip()
+        if not persona:
+            return "Say who I should be: /persona set <text>."
+        if len(persona) > self._policy.max_persona_chars:
+            return (
+                f"A persona can be at most {self._policy.max_persona_chars:,} characters; "
+                f"that one has {len(persona):,}."
+            )
+        await self._store.set_persona(channel, persona)
+        return "Persona set; it applies from the next message."
+
+    async def _reply(
+        self, incoming: Incoming, key: ConversationKey, turn: Turn | None, *, cut: bool = False
+    ) -> AsyncGenerator[ReplyPart, None]:
+        """Answer `turn`, or with None answer the last user turn again (/retry)."""
+        user = _user_of(incoming)
+        replacing: int | None = None
+        try:
+            if self._limiter is not None:
+                admission = await self._limiter.admit(user, key)
+                if not admission.admitted:
+                    yield limited_notice(admission)
+                    return
+            history = await self._store.load(key)
+            state = await self._store.state(key)
+            channel = state if key == key.channel_key else await self._store.state(key.channel_key)
+            if turn is None:
+                last = _last_user_turn(history)
+                if last is None:
+                    yield "There is no message of yours to answer again yet."
+                    return
+                turn, history, replacing = history[last], history[:last], history[last].seq
+            budget = await self._model.context_window() - self._policy.reply_tokens
+            markers = await self._special_tokens()
+            fitted = await self._fitter.fit(
+                _system_prompt(channel.persona, self._policy.system_prompt),
+                history,
+                turn,
+                window_start=state.window_start,
+                budget=budget,
+                clean=lambda text: neutralize(text, markers),
+            )
+        except StoreUnavailable:
+            log.warning("context store unavailable", extra={"conversation": str(key)})
             yield notice(NoticeKind.STORE_UNAVAILABLE)
             return
         except ModelError as error:
-            await self._keep_user_turn(incoming.key, user_turn)
+            if turn is not None and replacing is None:
+                await self._keep_user_turn(key, turn)
             yield self._model_notice(error)
             return
-        prompt = build_prompt(self._system_prompt, history, user_turn, budget_tokens=budget)
-        if prompt.shortened:
-            yield notice(
-                NoticeKind.MESSAGE_SHORTENED,
-                "Your message is longer than I can read at once; I read only its beginning.",
-            )
-        async for part in self._stream_and_record(incoming.key, user_turn, prompt):
+        if fitted.shortened or cut:
+            yield notice(NoticeKind.MESSAGE_SHORTENED)
+        async for part in self._stream_and_record(key, turn, fitted, replacing, user):
             yield part
 
     async def _stream_and_record(
-        self, key: ConversationKey, user_turn: Turn, prompt: Prompt
+        self,
+        key: ConversationKey,
+        user_turn: Turn,
+        fitted: Fitted,
+        replacing: int | None,
+        user: str | None,
     ) -> AsyncGenerator[ReplyPart, None]:
         pieces: list[str] = []
         usage: Usage | None = None
-        try:
-            async for chunk in self._model.stream(prompt.messages, session=str(key)):
-                if chunk.text:
-                    pieces.append(chunk.text)
-                    yield chunk.text
-                if chunk.usage is not None:
-                    usage = chunk.usage
-        except ModelError as error:
-            await self._keep_user_turn(key, user_turn)
-            yield self._model_notice(error)
-            return
+        if self._slots.locked():
+            yield notice(NoticeKind.QUEUED)
+        async with self._slots:
+            try:
+                async for chunk in self._model.stream(fitted.messages, session=str(key)):
+                    if chunk.text:
+                        pieces.append(chunk.text)
+                        yield chunk.text
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+            except ModelError as error:
+                if replacing is None:
+                    await self._keep_user_turn(key, user_turn)
+                yield self._model_notice(error)
+                return
         reply = Turn(Role.ASSISTANT, "".join(pieces), usage=usage)
         try:
-            await self._store.append(key, user_turn, reply)
+            await self._store.append(
+                key, user_turn, reply, replacing=replacing, window_start=fitted.window_start
+            )
         except StoreUnavailable:
             log.warning("reply not recorded: store unavailable", extra={"conversation": str(key)})
             yield notice(
                 NoticeKind.STORE_UNAVAILABLE,
                 "I couldn't save this exchange, so I may not remember it.",
             )
+        if self._limiter is not None and user is not None and usage is not None:
+            try:
+                await self._limiter.charge(user, usage.prompt_tokens + usage.completion_tokens)
+            except StoreUnavailable:
+                log.warning("token use not counted: store unavailable")
+
+    async def _special_tokens(self) -> re.Pattern[str]:
+        """The spellings of the model's special tokens, asked of the model once."""
+        if self._markers is None:
+            self._markers = special_token_pattern(await self._model.special_tokens())
+        return self._markers
 
     async def _keep_user_turn(self, key: ConversationKey, user_turn: Turn) -> None:
         try:
@@ -325,3 +371,23 @@ class ConversationService:
         if isinstance(error, ModelInterrupted):
             return notice(NoticeKind.REPLY_INTERRUPTED)
         return notice(NoticeKind.MODEL_UNAVAILABLE)
+
+
+def _user_of(incoming: Incoming) -> str | None:
+    """Name the sender for limits and budgets: ids are only unique within a platform."""
+    return f"{incoming.key.platform}:{incoming.author.id}" if incoming.author else None
+
+
+def _system_prompt(persona: str | None, default: str) -> str:
+    return persona if persona is not None else default
+
+
+def _last_user_turn(history: Sequence[Turn]) -> int | None:
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].role is Role.USER and history[index].seq is not None:
+            return index
+    return None
+
+
+async def _one(part: ReplyPart) -> AsyncGenerator[ReplyPart, None]:
+    yield part

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from bots.core.service import Place
+from bots.core.line import Place
 from bots.delivery.split import split_message
 
 Ref = TypeVar("Ref")

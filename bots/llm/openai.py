@@ -11,6 +11,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
+from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Usage
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
 
@@ -66,6 +67,9 @@ class OpenAIChatModel:
         self._top_p = top_p
         self._retry_deadline = retry_deadline
         self._context_tokens = context_tokens
+        self._root = str(client.base_url).rstrip("/").removesuffix("/v1")
+        self._can_tokenize = True
+        self._special_tokens: list[str] | None = None
 
     async def context_window(self) -> int:
         """Return the context length: configured, or the served model's `max_model_len`."""
@@ -87,6 +91,50 @@ class OpenAIChatModel:
             "server gave no context length for %s; assuming %d", self._model, DEFAULT_CONTEXT_TOKENS
         )
         return DEFAULT_CONTEXT_TOKENS
+
+    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
+        """Count with the server's own tokenizer and chat template (vLLM's `/tokenize`).
+
+        A server without `/tokenize` gets the byte bound instead, which is never less.
+        """
+        if not self._can_tokenize:
+            return bound_tokens(prompt)
+        body = {"model": self._model, "messages": _wire(prompt), "add_generation_prompt": True}
+        try:
+            response = await self._client.post(
+                f"{self._root}/tokenize", cast_to=httpx2.Response, body=body
+            )
+        except openai.NotFoundError:
+            log.warning("the model server has no /tokenize; counting tokens by bytes")
+            self._can_tokenize = False
+            return bound_tokens(prompt)
+        except openai.OpenAIError as error:
+            raise _mapped(error) from error
+        return int(response.json()["count"])
+
+    async def special_tokens(self) -> list[str]:
+        """Read the served tokenizer's added tokens (vLLM's `/tokenizer_info`), once.
+
+        vLLM serves that page with `--enable-tokenizer-info-endpoint` (Parley's inference
+        service turns it on); without it the core's generic template markers apply.
+        """
+        if self._special_tokens is None:
+            try:
+                response = await self._client.get(
+                    f"{self._root}/tokenizer_info", cast_to=httpx2.Response
+                )
+                info = response.json()
+            except (openai.NotFoundError, ValueError):
+                info = {}
+            except openai.OpenAIError as error:
+                raise _mapped(error) from error
+            if not isinstance(info, dict):
+                info = {}
+            added = info.get("added_tokens_decoder") or {}
+            named = [info.get(f"{kind}_token") for kind in ("bos", "eos", "pad", "unk")]
+            tokens = [*added.values(), *named]
+            self._special_tokens = sorted({t for t in tokens if isinstance(t, str)})
+        return self._special_tokens
 
     async def stream(
         self, prompt: Sequence[PromptMessage], *, session: str
@@ -116,7 +164,7 @@ class OpenAIChatModel:
         """
         body = {
             "model": self._model,
-            "messages": [{"role": m.role.value, "content": m.content} for m in prompt],
+            "messages": _wire(prompt),
             "max_tokens": self._reply_tokens,
             "temperature": self._temperature,
             "top_p": self._top_p,
@@ -143,6 +191,10 @@ class OpenAIChatModel:
                 backoff *= 2
             except openai.OpenAIError as error:
                 raise _mapped(error) from error
+
+
+def _wire(prompt: Sequence[PromptMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role.value, "content": m.content} for m in prompt]
 
 
 class ServerError(Exception):

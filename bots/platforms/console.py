@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import TextIO
 
+from bots.core.commands import HELP_TEXT
 from bots.core.models import Author, ConversationKey, Incoming, Notice
-from bots.core.service import HELP_TEXT, ConversationService
+from bots.core.service import ConversationService
 
 ReadLine = Callable[[], Awaitable[str | None]]
 
@@ -65,15 +66,12 @@ class ConsoleChat:
                 break
             if command == "/help":
                 self._say(CONSOLE_HELP)
-            elif command == "/reset":
-                self._say(await self._service.reset(self._key))
-            elif command.startswith("/"):
-                self._say(f"Unknown command {command.split()[0]}.\n{CONSOLE_HELP}")
             else:
                 await self._reply(text)
 
     async def _reply(self, text: str) -> None:
-        incoming = Incoming(self._key, text, author=self._author)
+        """Answer a message or a command; the console's user owns the conversation."""
+        incoming = Incoming(self._key, text, author=self._author, is_admin=True)
         self._out.write("parley> ")
         async with aclosing(self._service.respond(incoming)) as parts:
             async for part in parts:

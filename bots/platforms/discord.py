@@ -13,8 +13,10 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bots.core.commands import HELP_TEXT
+from bots.core.line import ArrivalLine
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
-from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
+from bots.core.service import ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
 from bots.settings import DiscordSettings
 
@@ -76,11 +78,13 @@ def conversation_of(channel: object, guild_id: int | None, channel_id: int) -> C
 class ChannelSink:
     """Send and edit one reply's messages in a channel, the first as a reply, without pings."""
 
-    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message) -> None:
+    def __init__(
+        self, channel: discord.abc.Messageable, reply_to: discord.Message | None = None
+    ) -> None:
         self._channel = channel
         # A reply to a message deleted meanwhile is posted as a plain message.
-        self._reply_to: discord.MessageReference | None = reply_to.to_reference(
-            fail_if_not_exists=False
+        self._reply_to: discord.MessageReference | None = (
+            reply_to.to_reference(fail_if_not_exists=False) if reply_to else None
         )
 
     async def send(self, text: str) -> discord.Message:
@@ -160,29 +164,45 @@ class DiscordChat:
             text = text.replace(f"<@&{role.id}>", f"@{role.name}")
         return text.strip()
 
+    def is_admin(self, user: discord.abc.User, permissions: discord.Permissions | None) -> bool:
+        """An admin may change what a channel shares: DISCORD_ADMINS, or Manage Channels."""
+        return user.id in self._settings.admins or bool(permissions and permissions.manage_channels)
+
     async def on_message(self, message: discord.Message, me: discord.ClientUser) -> None:
         if message.author.bot or not self.is_addressed(message, me):
             return
         if not self.is_admitted(message):
             log.info("denied", extra={"conversation": str(self.key_of(message))})
             return
+        member = message.author if isinstance(message.author, discord.Member) else None
+        permissions = message.channel.permissions_for(member) if member else None
         incoming = Incoming(
             self.key_of(message),
             self.text_of(message, me),
             author=Author(str(message.author.id), message.author.display_name),
             in_group=message.guild is not None,
             message_id=str(message.id),
+            is_admin=self.is_admin(message.author, permissions),
         )
+        await self._deliver(incoming, message.channel, reply_to=message)
+
+    async def _deliver(
+        self,
+        incoming: Incoming,
+        channel: discord.abc.Messageable,
+        *,
+        reply_to: discord.Message | None = None,
+    ) -> None:
         # Both take their places in line now, before any await: arrival order.
         parts = render(self._service.respond(incoming))
         delivery = StreamingDelivery(
-            ChannelSink(message.channel, message),
+            ChannelSink(channel, reply_to),
             DISCORD_LIMITS,
             show_reasoning=self._settings.show_reasoning,
-            after=self._replies.join(message.channel.id),
+            after=self._replies.join(incoming.key.channel_key),
         )
         try:
-            await delivery.run(typing_until_first(message.channel, parts))
+            await delivery.run(typing_until_first(channel, parts))
         except discord.HTTPException as error:  # e.g. no permission to post in the channel
             log.warning(
                 "reply not delivered: HTTP %s %s",
@@ -190,6 +210,34 @@ class DiscordChat:
                 error.text,
                 extra={"conversation": str(incoming.key)},
             )
+
+    def incoming_of(self, interaction: discord.Interaction, text: str) -> Incoming:
+        """Read a slash command as the core's command text, from the interaction's user."""
+        guild, user = interaction.guild_id, interaction.user
+        return Incoming(
+            conversation_of(interaction.channel, guild, interaction.channel_id or 0),
+            text,
+            author=Author(str(user.id), user.display_name),
+            in_group=guild is not None,
+            is_admin=self.is_admin(user, interaction.permissions),
+        )
+
+    async def command(self, interaction: discord.Interaction, text: str) -> None:
+        """Answer a slash command privately (only its user sees the answer)."""
+        parts = render(self._service.respond(self.incoming_of(interaction, text)))
+        answer = "".join([part async for part in parts]).strip()
+        await interaction.response.send_message(
+            answer[: DISCORD_LIMITS.max_chars], ephemeral=True, allowed_mentions=NO_PINGS
+        )
+
+    async def retry(self, interaction: discord.Interaction) -> None:
+        """Answer the user's last message again, in the channel for everyone to see."""
+        await interaction.response.send_message(
+            "Answering your last message again.", ephemeral=True, allowed_mentions=NO_PINGS
+        )
+        channel = interaction.channel
+        if isinstance(channel, discord.abc.Messageable):
+            await self._deliver(self.incoming_of(interaction, "/retry"), channel)
 
     async def on_edit(self, message: discord.Message) -> None:
         guild = message.guild.id if message.guild else None
@@ -201,9 +249,6 @@ class DiscordChat:
     ) -> None:
         await self._service.forget(conversation_of(channel, guild, channel_id), str(message_id))
 
-    async def reset(self, key: ConversationKey) -> str:
-        return await self._service.reset(key)
-
 
 class ParleyDiscord(discord.Client):
     """discord.py's client with Parley's handlers; subclassed only to wire them in."""
@@ -214,13 +259,35 @@ class ParleyDiscord(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
+        chat = self.chat
+
         @self.tree.command(name="reset", description="Forget this conversation")
         async def reset(interaction: discord.Interaction) -> None:
-            channel = interaction.channel
-            key = conversation_of(channel, interaction.guild_id, interaction.channel_id or 0)
-            await interaction.response.send_message(
-                await self.chat.reset(key), ephemeral=True, allowed_mentions=NO_PINGS
-            )
+            await chat.command(interaction, "/reset")
+
+        @self.tree.command(name="retry", description="Answer my last message again")
+        async def retry(interaction: discord.Interaction) -> None:
+            await chat.retry(interaction)
+
+        @self.tree.command(name="usage", description="My tokens today")
+        async def usage(interaction: discord.Interaction) -> None:
+            await chat.command(interaction, "/usage")
+
+        persona = app_commands.Group(name="persona", description="Who Parley is here")
+
+        @persona.command(name="show", description="Show the persona of this conversation")
+        async def show(interaction: discord.Interaction) -> None:
+            await chat.command(interaction, "/persona show")
+
+        @persona.command(name="set", description="Set the persona (admins)")
+        async def set_(interaction: discord.Interaction, text: str) -> None:
+            await chat.command(interaction, f"/persona set {text}")
+
+        @persona.command(name="clear", description="Back to the default system prompt (admins)")
+        async def clear(interaction: discord.Interaction) -> None:
+            await chat.command(interaction, "/persona clear")
+
+        self.tree.add_command(persona)
 
         @self.tree.command(name="help", description="How to talk to Parley")
         async def help_(interaction: discord.Interaction) -> None:

@@ -9,12 +9,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from telegram import BotCommand, Message, Update
-from telegram.constants import ChatAction, ChatType, ParseMode
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
 from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
+from bots.core.commands import HELP_TEXT
+from bots.core.line import ArrivalLine
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
-from bots.core.service import HELP_TEXT, ArrivalLine, ConversationService
+from bots.core.service import ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
@@ -31,8 +33,12 @@ KNOWN_CHATS = 10_000
 COMMANDS = [
     BotCommand("start", "Start talking to Parley"),
     BotCommand("reset", "Forget this conversation"),
+    BotCommand("retry", "Answer my last message again"),
+    BotCommand("usage", "My tokens today"),
+    BotCommand("persona", "Show or set (admins) who the bot is here"),
     BotCommand("help", "How to talk to Parley"),
 ]
+GROUP_ADMINS = (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
 START_TEXT = "Hi! Send me a message and I'll answer. /help lists what I understand."
 
 
@@ -151,8 +157,33 @@ class TelegramChat:
         if message is None or not self.is_admitted(message):
             return
         text = self.addressed_text(message, context.bot.username)
-        if text is None:
+        if text is not None:
+            await self._answer(message, text, is_admin=False)
+
+    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Hand a command to the core, unless it is addressed to another bot (/cmd@other)."""
+        message = update.effective_message
+        if message is None or not message.text or not self.is_admitted(message):
             return
+        _, at, target = message.text.split(maxsplit=1)[0].partition("@")
+        if at and target.lower() != context.bot.username.lower():
+            return
+        await self._answer(message, message.text, is_admin=await self.is_admin(message))
+
+    async def is_admin(self, message: Message) -> bool:
+        """An admin may change what a group shares: TELEGRAM_ADMINS, or the group's own."""
+        user = message.from_user
+        if user is None:
+            return False
+        if not is_group(message) or user.id in self._settings.admins:
+            return True
+        try:
+            member = await message.get_bot().get_chat_member(message.chat.id, user.id)
+        except TelegramError:
+            return False
+        return member.status in GROUP_ADMINS
+
+    async def _answer(self, message: Message, text: str, *, is_admin: bool) -> None:
         user = message.from_user
         incoming = Incoming(
             conversation_of(message),
@@ -160,6 +191,7 @@ class TelegramChat:
             author=Author(str(user.id), user.full_name) if user else None,
             in_group=is_group(message),
             message_id=str(message.message_id),
+            is_admin=is_admin,
         )
         # Both take their places in line now, before any await: arrival order.
         parts = render(self._service.respond(incoming))
@@ -180,16 +212,6 @@ class TelegramChat:
         if update.effective_message and self.is_admitted(update.effective_message):
             text = "In groups, mention me or reply to me.\n" + HELP_TEXT
             await update.effective_message.reply_text(text)
-
-    async def on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message = update.effective_message
-        if message is None or not self.is_admitted(message):
-            return
-        admins, user = self._settings.admins, message.from_user
-        if is_group(message) and admins and (user is None or user.id not in admins):
-            await message.reply_text("Only the bot's admins can reset a group's conversation.")
-            return
-        await message.reply_text(await self._service.reset(conversation_of(message)))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.warning("error while handling a Telegram update: %r", context.error)
@@ -224,7 +246,7 @@ def build_application(chat: TelegramChat, settings: TelegramSettings) -> Applica
     application = builder.concurrent_updates(True).build()
     application.add_handler(CommandHandler("start", chat.on_start))
     application.add_handler(CommandHandler("help", chat.on_help))
-    application.add_handler(CommandHandler("reset", chat.on_reset))
+    application.add_handler(MessageHandler(filters.COMMAND, chat.on_command))
     application.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, chat.on_text))
     application.add_error_handler(chat.on_error)
     return application

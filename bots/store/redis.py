@@ -10,10 +10,50 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bots.core.models import ConversationKey, Role, Turn, Usage
+from bots.core.models import ConversationKey, ConversationState, Role, Turn, Usage
 from bots.core.ports import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# Append turns (ARGV[5..], JSON objects) to the list KEYS[1], numbering each from the
+# counter KEYS[3]. When ARGV[3] is set, first drop the user turn of that number and all
+# after it (return 0 if it is gone). Trim to ARGV[1] turns, expire after ARGV[2] seconds;
+# when ARGV[4] is set, store it as the context window's start in KEYS[2]. One script:
+# no reader ever sees half of it.
+RECORD = """
+local list, window, counter = KEYS[1], KEYS[2], KEYS[3]
+local ttl = tonumber(ARGV[2])
+if ARGV[3] ~= '' then
+  local seq = tonumber(ARGV[3])
+  local items = redis.call('LRANGE', list, 0, -1)
+  local found = nil
+  for index = #items, 1, -1 do
+    local ok, turn = pcall(cjson.decode, items[index])
+    if ok and type(turn) == 'table' and turn['seq'] == seq and turn['role'] == 'user' then
+      found = index
+      break
+    end
+  end
+  if found == nil then return 0 end
+  if found == 1 then redis.call('DEL', list) else redis.call('LTRIM', list, 0, found - 2) end
+end
+local count = #ARGV - 4
+local last = redis.call('INCRBY', counter, count)
+local numbered = {}
+for i = 1, count do
+  numbered[i] = '{"seq":' .. (last - count + i) .. ',' .. string.sub(ARGV[4 + i], 2)
+end
+redis.call('RPUSH', list, unpack(numbered))
+redis.call('LTRIM', list, -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', list, ttl)
+redis.call('EXPIRE', counter, ttl)
+if ARGV[4] ~= '' then
+  redis.call('SET', window, ARGV[4], 'EX', ttl)
+elseif redis.call('EXISTS', window) == 1 then
+  redis.call('EXPIRE', window, ttl)
+end
+return 1
+"""
 
 # Find the turn whose "id" is ARGV[2]; ARGV[1] says to edit its content to ARGV[3] or to
 # delete it. One script, so a concurrent append can never interleave with the change.
@@ -66,11 +106,15 @@ def decode_turn(raw: bytes | str) -> Turn:
         at=float(record["at"]),
         usage=Usage(*usage) if usage else None,
         message_id=record.get("id"),
+        seq=record.get("seq"),
     )
 
 
 class RedisContextStore:
     """Keep each conversation as one Redis list, trimmed and expired with every append.
+
+    Beside the list, a conversation has its context window's start (expiring with it)
+    and its persona (kept until cleared: an admin's setting for the channel).
 
     Args:
         client: a redis-py asyncio client.
@@ -85,9 +129,11 @@ class RedisContextStore:
         self._max_turns = max_turns
         self._ttl_seconds = ttl_seconds
         self._change_turn = client.register_script(CHANGE_TURN)
+        self._record = client.register_script(RECORD)
 
-    def redis_key(self, key: ConversationKey) -> str:
-        return f"{self._prefix}:ctx:{conversation_slot(key)}"
+    def redis_key(self, key: ConversationKey, kind: str = "ctx") -> str:
+        """Name one of a conversation's keys; all of them share one cluster slot."""
+        return f"{self._prefix}:{kind}:{conversation_slot(key)}"
 
     async def load(self, key: ConversationKey) -> list[Turn]:
         try:
@@ -102,16 +148,47 @@ class RedisContextStore:
                 log.warning("skipping an unreadable stored turn", extra={"conversation": str(key)})
         return turns
 
-    async def append(self, key: ConversationKey, *turns: Turn) -> None:
+    async def append(
+        self,
+        key: ConversationKey,
+        *turns: Turn,
+        replacing: int | None = None,
+        window_start: int | None = None,
+    ) -> bool:
         if not turns:
-            return
-        name = self.redis_key(key)
+            return True
+        args = [
+            self._max_turns,
+            self._ttl_seconds,
+            "" if replacing is None else replacing,
+            "" if window_start is None else window_start,
+            *(encode_turn(turn) for turn in turns),
+        ]
+        keys = [self.redis_key(key), self.redis_key(key, "win"), self.redis_key(key, "seq")]
         try:
-            async with self._client.pipeline(transaction=True) as transaction:
-                transaction.rpush(name, *(encode_turn(turn) for turn in turns))
-                transaction.ltrim(name, -self._max_turns, -1)
-                transaction.expire(name, self._ttl_seconds)
-                await transaction.execute()
+            return bool(await self._record(keys=keys, args=args))
+        except RedisError as error:
+            raise StoreUnavailable(str(error)) from error
+
+    async def state(self, key: ConversationKey) -> ConversationState:
+        try:
+            window, persona = await self._client.mget(
+                self.redis_key(key, "win"), self.redis_key(key, "persona")
+            )
+        except RedisError as error:
+            raise StoreUnavailable(str(error)) from error
+        return ConversationState(
+            persona=persona.decode() if isinstance(persona, bytes) else persona,
+            window_start=int(window) if window is not None else None,
+        )
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        name = self.redis_key(key, "persona")
+        try:
+            if persona is None:
+                await self._client.delete(name)
+            else:
+                await self._client.set(name, persona.encode())
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
 
@@ -134,6 +211,6 @@ class RedisContextStore:
 
     async def clear(self, key: ConversationKey) -> None:
         try:
-            await self._client.delete(self.redis_key(key))
+            await self._client.delete(self.redis_key(key), self.redis_key(key, "win"))
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error

@@ -1,0 +1,177 @@
+"""Fit a conversation into the model's context window, keeping the prompt's start stable.
+
+vLLM's prefix cache reuses the work done for an earlier prompt that began with the same
+tokens. Dropping the oldest message on every turn (a sliding window) shifts everything
+after the system prompt, so every turn is computed again from scratch. Parley keeps a
+*window* instead: the history from one stored turn on. Turn after turn the prompt only
+grows at its end, so all of it but the new message is served from the cache. When the
+prompt and room for the reply no longer fit the model's context, a whole block of the
+oldest turns is dropped at once: the window shrinks to `target` of the budget, and the
+new window is again stable for many turns. The window starts at a user turn, and its
+start is stored with the conversation, so every bot replica builds the same prompt.
+
+Knobs: `target` (`CHAT_TRIM_TARGET`: the share of the budget left after a trim; 1.0 drops
+only what it must, which is a sliding window) and the room kept for the reply
+(`LLM_REPLY_TOKENS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bots.core.models import PromptMessage, Role, Turn
+
+# Tokens a chat template adds around each message (role markers, separators), and
+# before the reply (the generation prompt).
+MESSAGE_OVERHEAD_TOKENS = 8
+# Text a template may add that no message carries (e.g. a default system prompt): the
+# byte bound is trusted only this far below the budget; closer, tokens are counted.
+TEMPLATE_SLACK_TOKENS = 64
+SHORTENED_SUFFIX = " [...]"
+SHORTEN_ROUNDS = 4
+
+Counter = Callable[[Sequence[PromptMessage]], Awaitable[int]]
+"""Count a prompt's tokens exactly, as the model reads it (the model's `count_tokens`)."""
+
+
+def bound_tokens(messages: Sequence[PromptMessage]) -> int:
+    """Bound a prompt's token count from above, without a tokenizer.
+
+    A byte-level BPE tokenizer (GPT-2 family, SmolLM2, Llama 3, Qwen) never emits more
+    tokens than the text has UTF-8 bytes.
+    """
+    return MESSAGE_OVERHEAD_TOKENS + sum(
+        len(m.content.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages
+    )
+
+
+def plain(text: str) -> str:
+    return text
+
+
+def render(turn: Turn, clean: Callable[[str], str] = plain) -> PromptMessage:
+    """Turn a stored turn into the message the model sees, naming group authors."""
+    if turn.role is Role.USER and turn.name:
+        return PromptMessage(turn.role, clean(f"{turn.name}: {turn.content}"))
+    return PromptMessage(turn.role, clean(turn.content))
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """A prompt that fits, and the window start to store if it moved."""
+
+    messages: list[PromptMessage]
+    window_start: int | None  # None: the window did not move
+    shortened: bool  # the new message was cut to fit
+
+
+class ContextFitter:
+    """Build prompts that fit a token budget, trimming history in blocks.
+
+    Args:
+        count: exact token counter of the served model.
+        target: share of the budget a trimmed prompt keeps (0 < target <= 1).
+    """
+
+    def __init__(self, count: Counter, *, target: float) -> None:
+        if not 0 < target <= 1:
+            raise ValueError("target must be in (0, 1]")
+        self._count = count
+        self._target = target
+
+    async def fits(self, messages: Sequence[PromptMessage], budget: int) -> bool:
+        """Tell whether a prompt fits, counting exactly only when the bound cannot say."""
+        if bound_tokens(messages) <= budget - TEMPLATE_SLACK_TOKENS:
+            return True
+        return await self._count(messages) <= budget
+
+    async def fit(
+        self,
+        system: str,
+        history: Sequence[Turn],
+        new: Turn,
+        *,
+        window_start: int | None,
+        budget: int,
+        clean: Callable[[str], str] = plain,
+    ) -> Fitted:
+        """Fit the system prompt, the history since turn `window_start` and the new turn.
+
+        `clean` is applied to every text the model will read (see `text.neutralize`).
+        """
+        head = [PromptMessage(Role.SYSTEM, clean(system))] if system else []
+        current = render(new, clean)
+        shortened = not await self.fits([*head, current], budget)
+        if shortened:
+            current = await self._shorten(head, current, budget)
+        start = window_start or 0
+        window = _from_user_turn([t for t in history if (t.seq or 0) >= start])
+        rendered = [render(turn, clean) for turn in window]
+        if await self.fits([*head, *rendered, current], budget):
+            return Fitted([*head, *rendered, current], None, shortened)
+        drop = await self._trim(head, window, rendered, current, budget)
+        if drop < len(window):
+            new_start = window[drop].seq or 0
+        else:  # nothing kept: the window starts with the new turn
+            new_start = max((t.seq or 0 for t in history), default=0) + 1
+        return Fitted([*head, *rendered[drop:], current], new_start, shortened)
+
+    async def _trim(
+        self,
+        head: list[PromptMessage],
+        window: list[Turn],
+        rendered: list[PromptMessage],
+        current: PromptMessage,
+        budget: int,
+    ) -> int:
+        """Choose how many of the oldest turns to drop: down to `target` of the budget.
+
+        One exact count of the whole prompt sets the scale of the per-message byte bounds,
+        which choose the cut; a recount confirms it (more turns go only if it fails).
+        The kept history starts with a user turn.
+        """
+        messages = [*head, *rendered, current]
+        total: float = await self._count(messages)
+        scale = total / bound_tokens(messages)
+        goal = self._target * budget
+        drop = 0
+        while drop < len(window) and total > goal:
+            total -= bound_tokens([rendered[drop]]) * scale
+            drop += 1
+        while True:
+            drop = _next_user_turn(window, drop)
+            if drop == len(window):
+                return drop
+            if await self._count([*head, *rendered[drop:], current]) <= budget:
+                return drop
+            drop += 1
+
+    async def _shorten(
+        self, head: list[PromptMessage], message: PromptMessage, budget: int
+    ) -> PromptMessage:
+        """Cut a message that cannot fit even alone, to fit with the system prompt."""
+        text = message.content
+        keep = len(text)
+        for _ in range(SHORTEN_ROUNDS):
+            tokens = await self._count([*head, PromptMessage(message.role, text)])
+            if tokens <= budget:
+                return PromptMessage(message.role, text)
+            keep = int(keep * budget / tokens * 0.95)
+            text = message.content[:keep] + SHORTENED_SUFFIX
+        # Still over: fall back to the byte bound, which holds whatever the tokenizer.
+        room = budget - bound_tokens(head) - 2 * MESSAGE_OVERHEAD_TOKENS - TEMPLATE_SLACK_TOKENS
+        cut = message.content.encode("utf-8")[: max(room - len(SHORTENED_SUFFIX), 0)]
+        return PromptMessage(message.role, cut.decode("utf-8", "ignore") + SHORTENED_SUFFIX)
+
+
+def _next_user_turn(turns: Sequence[Turn], index: int) -> int:
+    """The index of the first user turn from `index` on (len(turns) if none)."""
+    while index < len(turns) and turns[index].role is not Role.USER:
+        index += 1
+    return index
+
+
+def _from_user_turn(turns: list[Turn]) -> list[Turn]:
+    """Drop leading non-user turns: a prompt's history starts with a user message."""
+    return turns[_next_user_turn(turns, 0) :]

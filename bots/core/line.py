@@ -1,0 +1,66 @@
+"""Arrival order: each key's holders are served one at a time, in the order they came."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+
+
+class Place:
+    """A place in one conversation's line: its turn comes when everyone before has left.
+
+    Leaving is idempotent, and happens when the holder is garbage collected too, so a
+    reply stream that was created but never consumed cannot block the conversation.
+    """
+
+    def __init__(self, before: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        self._before = before
+        self.done = done
+
+    async def wait(self) -> None:
+        if self._before is not None:
+            await asyncio.shield(self._before)
+
+    def leave(self) -> None:
+        if self.done.done():
+            return
+        if self._before is None or self._before.done():
+            self.done.set_result(None)
+        else:  # left before its turn: the next in line still waits for the one before
+            self._before.add_done_callback(lambda _: self.leave())
+
+    def __del__(self) -> None:
+        if not self.done.get_loop().is_closed():
+            self.leave()
+
+
+class ArrivalLine:
+    """Serve each key's holders strictly in the order they arrived; keys run concurrently."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def join(self, key: Hashable) -> Place:
+        """Take a place now, synchronously: call order is arrival order."""
+        done = asyncio.get_running_loop().create_future()
+        place = Place(self._last.get(key), done)
+        self._last[key] = done
+        done.add_done_callback(lambda _: self._forget(key, done))
+        return place
+
+    def _forget(self, key: Hashable, done: asyncio.Future[None]) -> None:
+        if self._last.get(key) is done:
+            del self._last[key]
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        place = self.join(key)
+        try:
+            await place.wait()
+            yield
+        finally:
+            place.leave()
