@@ -50,6 +50,8 @@ bench: setup model
 	$(PY) -m bench.discord_delivery
 	$(PY) -m bench.telegram_flood
 	$(PY) -m bench.engine_batching
+	$(PY) -m bench.prefix_cache
+	$(PY) -m bench.rate_limits
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,10 @@
 """Overhead of the bot tier per message, against a stub model server and Redis on loopback.
 
 The stub answers every request at once (a 180-character reply in 20 SSE chunks), so what
-a message's latency measures is Parley's own work: loading the context from Redis,
-building the prompt, the HTTP request and the streamed parse in the OpenAI client,
-and the atomic append of both turns.
+a message's latency measures is Parley's own work, composed as `python -m bots` composes
+it: the rate-limit and budget checks, loading the context and the conversation's state
+from Redis, building the prompt, the HTTP request and the streamed parse in the OpenAI
+client, the atomic append of both turns, and counting the user's tokens.
 
 Two loads, C conversations at once in each:
 - paced: each conversation sends a message every `--interval` seconds on average
@@ -25,15 +26,14 @@ import time
 from contextlib import aclosing
 from pathlib import Path
 
-from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
 from bench.common import machine, percentile, stub_model_server
-from bots.core.models import ConversationKey, Incoming
+from bots.__main__ import conversation_service
+from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
-from bots.llm.openai import OpenAIChatModel, timeouts
+from bots.settings import BotSettings
 from bots.store.embedded import EmbeddedRedis
-from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
 
 CONCURRENCY = (1, 50, 200)
@@ -49,7 +49,8 @@ async def conversation(
         if interval:
             await asyncio.sleep(pace.expovariate(1 / interval))
         started = time.perf_counter()
-        async with aclosing(service.respond(Incoming(key, f"message {turn}"))) as parts:
+        incoming = Incoming(key, f"message {turn}", author=Author(str(index), "bench"))
+        async with aclosing(service.respond(incoming)) as parts:
             async for _ in parts:
                 pass
         latencies.append(time.perf_counter() - started)
@@ -59,19 +60,20 @@ async def conversation(
 async def measure(
     base_url: str, redis_url: str, concurrency: int, messages: int, interval: float
 ) -> list[float]:
-    redis = Redis.from_url(redis_url, max_connections=max(concurrency, 10))
-    http = AsyncOpenAI(
-        base_url=base_url, api_key="bench", max_retries=0, timeout=timeouts(connect=3, read=30)
+    """Time messages through the service as `python -m bots` composes it, limits included."""
+    settings = BotSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis={"url": redis_url, "key_prefix": "bench", "context_max_turns": 40},  # type: ignore[arg-type]
+        llm={"base_url": base_url, "api_key": "bench", "context_tokens": 8192, "reply_tokens": 64},  # type: ignore[arg-type]
+        limits={"user_messages": 1_000_000, "conversation_messages": 1_000_000},  # type: ignore[arg-type]
     )
-    store = RedisContextStore(redis, prefix="bench", max_turns=40, ttl_seconds=600)
-    model = OpenAIChatModel(http, model="parley", reply_tokens=64, context_tokens=8192)
-    service = ConversationService(store, model)
-    await conversation(service, -1, 3, 0)  # warm up connections
-    runs = [conversation(service, i, messages, interval) for i in range(concurrency)]
-    latencies = [value for run in await asyncio.gather(*runs) for value in run]
+    async with conversation_service(settings) as service:
+        await conversation(service, -1, 3, 0)  # warm up connections
+        runs = [conversation(service, i, messages, interval) for i in range(concurrency)]
+        latencies = [value for run in await asyncio.gather(*runs) for value in run]
+    redis = Redis.from_url(redis_url)
     await redis.flushdb()
     await redis.aclose()
-    await http.close()
     return latencies
 
 

@@ -20,7 +20,9 @@ from bots.store.embedded import EmbeddedRedis
 log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S = 2.0
-REDIS_CONNECTIONS = 64  # per process; more concurrent commands wait for a free one
+# A command waits this long for a free connection when all are busy: under overload the
+# event loop is slow to give connections back, and waiting beats failing the message.
+REDIS_POOL_WAIT_S = 10.0
 ENGINE_START_TIMEOUT_S = 900.0
 ENGINE_STOP_TIMEOUT_S = 30.0
 
@@ -30,7 +32,7 @@ async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[R
     """Connect to REDIS_URL, or to an embedded Redis persisting under `data_dir/redis`."""
     embedded = None if settings.url else EmbeddedRedis(data_dir / "redis")
     url = settings.url.get_secret_value() if settings.url else await embedded.start()  # type: ignore[union-attr]
-    client = connect_redis(url)
+    client = connect_redis(url, max_connections=settings.max_connections)
     try:
         yield client
     finally:
@@ -39,16 +41,16 @@ async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[R
             await embedded.stop()
 
 
-def connect_redis(url: str, *, max_connections: int = REDIS_CONNECTIONS) -> Redis:
+def connect_redis(url: str, *, max_connections: int = 256) -> Redis:
     """Make a client whose commands wait for a free connection instead of failing.
 
     redis-py's default pool raises "Too many connections" past 100 commands at once,
-    which a busy bot reaches; a blocking pool queues them (up to the socket timeout).
+    which a busy bot reaches; a blocking pool queues them instead.
     """
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=REDIS_TIMEOUT_S,
+        timeout=REDIS_POOL_WAIT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
         health_check_interval=30,

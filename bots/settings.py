@@ -23,6 +23,7 @@ class RedisSettings(BaseModel):
     key_prefix: str = Field(default="parley", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     context_max_turns: int = Field(default=200, ge=2)
     context_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    max_connections: int = Field(default=256, ge=1, description="Connections per bot process.")
 
 
 class LLMSettings(BaseModel):

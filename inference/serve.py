@@ -14,6 +14,7 @@ from inference.prepare import prepare_default_model
 from inference.settings import InferenceSettings
 
 Device = Literal["cpu", "gpu"]
+CPU_BLOCK_SIZE = 32
 
 
 class EngineMissing(RuntimeError):
@@ -62,6 +63,11 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
     ]  # fmt: skip
     if eager:
         argv.append("--enforce-eager")
+    # The prefix cache reuses whole blocks: smaller blocks cache more of each conversation.
+    # vLLM's CPU default is 128 tokens; its CPU attention takes multiples of 32.
+    block_size = settings.block_size or (CPU_BLOCK_SIZE if device == "cpu" else None)
+    if block_size:
+        argv += ["--block-size", str(block_size)]
     env = {"HF_HUB_OFFLINE": "1"}
     if device == "cpu":
         # Both cores for the engine; the KV cache is sized in GiB of RAM.

@@ -33,6 +33,11 @@ class InferenceSettings(BaseSettings):
         default=None, description="Skip graph compilation; unset: on for CPU, off for GPU."
     )
     max_num_seqs: int = Field(default=64, ge=1)
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache block size in tokens; unset: 32 on a CPU, vLLM's default on a GPU.",
+    )
     extra_args: str = Field(default="", description="More vLLM flags, shell-quoted.")
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from bots.runtime import local_inference
 from bots.store.embedded import EmbeddedRedis
 from bots.store.redis import RedisContextStore
 
@@ -49,3 +50,27 @@ def key_prefix() -> str:
 @pytest.fixture
 def store(redis_client: Redis, key_prefix: str) -> RedisContextStore:
     return RedisContextStore(redis_client, prefix=key_prefix, max_turns=500, ttl_seconds=3600)
+
+
+ENGINE_API_KEY = "test-engine-key"
+ENGINE_MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """Start `python -m inference serve` with the bundled model, once; yield its base URL."""
+    port = free_port()
+    settings = {
+        "DATA_DIR": str(ROOT / "data"),
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_API_KEY": ENGINE_API_KEY,
+        "INFERENCE_MAX_MODEL_LEN": str(ENGINE_MAX_MODEL_LEN),
+        "INFERENCE_KV_CACHE_GIB": "1",
+        "INFERENCE_MAX_NUM_SEQS": "16",
+    }
+    base_url = f"http://127.0.0.1:{port}/v1"
+    log_path = tmp_path_factory.mktemp("engine") / "inference.log"
+    async with local_inference(
+        base_url, log_path, env={**os.environ, **settings}, ready_within=600
+    ):
+        yield base_url

@@ -1,4 +1,4 @@
-"""Hand-written fakes of the core's ports, for unit tests of the core."""
+"""Hand-written fakes of the core's ports, and helpers to read answers, for unit tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from bots.core.models import (
@@ -14,13 +15,18 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    Incoming,
+    Notice,
+    NoticeKind,
     PromptMessage,
+    ReplyPart,
     Role,
     TokenUsage,
     Turn,
     Usage,
 )
 from bots.core.ports import ModelError, StoreUnavailable
+from bots.core.service import ConversationService
 
 
 class MemoryStore:
@@ -166,3 +172,17 @@ class MemoryLimiter:
 
     async def usage(self, user: str) -> TokenUsage:
         return TokenUsage(self.tokens[user], self.budget, 3600.0)
+
+
+async def collect(service: ConversationService, incoming: Incoming) -> list[ReplyPart]:
+    """Read a whole answer: its text pieces and notices."""
+    async with aclosing(service.respond(incoming)) as parts:
+        return [part async for part in parts]
+
+
+def text_of(parts: list[ReplyPart]) -> str:
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+def notices(parts: list[ReplyPart]) -> list[NoticeKind]:
+    return [p.kind for p in parts if isinstance(p, Notice)]

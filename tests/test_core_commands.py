@@ -20,7 +20,7 @@ from bots.core.models import (
     Role,
 )
 from bots.core.service import ChatPolicy, ConversationService, wait_text
-from tests.fakes import MemoryLimiter, MemoryStore, ScriptedModel
+from tests.fakes import MemoryLimiter, MemoryStore, ScriptedModel, collect, notices, text_of
 
 KEY = ConversationKey("test", "room")
 ADA, BOB = Author("1", "Ada"), Author("2", "Bob")
@@ -37,17 +37,7 @@ def make(
 
 
 async def say(service: ConversationService, text: str, **options: object) -> list[ReplyPart]:
-    incoming = Incoming(KEY, text, **{"author": ADA, **options})  # type: ignore[arg-type]
-    async with aclosing(service.respond(incoming)) as parts:
-        return [part async for part in parts]
-
-
-def text_of(parts: list[ReplyPart]) -> str:
-    return "".join(p for p in parts if isinstance(p, str))
-
-
-def kinds(parts: list[ReplyPart]) -> list[NoticeKind]:
-    return [p.kind for p in parts if isinstance(p, Notice)]
+    return await collect(service, Incoming(KEY, text, **{"author": ADA, **options}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +135,7 @@ async def test_retry_that_fails_keeps_the_old_exchange() -> None:
     await say(service, "question")
     before = list(store.turns[KEY])
     model.fail_with = ModelUnavailable("down")
-    assert kinds(await say(service, "/retry")) == [NoticeKind.MODEL_UNAVAILABLE]
+    assert notices(await say(service, "/retry")) == [NoticeKind.MODEL_UNAVAILABLE]
     assert store.turns[KEY] == before
 
 
@@ -155,7 +145,7 @@ async def test_a_limited_user_is_told_when_to_come_back_and_the_model_is_not_cal
     await say(service, "one")
     await say(service, "two")
     parts = await say(service, "three")
-    assert kinds(parts) == [NoticeKind.RATE_LIMITED]
+    assert notices(parts) == [NoticeKind.RATE_LIMITED]
     assert "try again in 30 s" in parts[0].text  # type: ignore[union-attr]
     assert len(model.prompts) == 2 and len(store.turns[KEY]) == 4
 
@@ -172,7 +162,7 @@ async def test_tokens_are_charged_and_the_daily_budget_stops_the_user() -> None:
     while limiter.tokens["test:1"] < 30:
         await say(service, "more")
     parts = await say(service, "again")
-    assert kinds(parts) == [NoticeKind.BUDGET_SPENT]
+    assert notices(parts) == [NoticeKind.BUDGET_SPENT]
     assert "1 h 0 min" in parts[0].text  # type: ignore[union-attr]
 
 
@@ -226,7 +216,7 @@ def test_waits_are_said_plainly(seconds: float, said: str) -> None:
 
 async def test_zero_width_only_messages_are_empty_but_zero_width_inside_text_is_kept() -> None:
     service, store, model = make()
-    assert kinds(await say(service, "\u200b\u200d\u2060 \ufeff")) == [NoticeKind.EMPTY_MESSAGE]
+    assert notices(await say(service, "\u200b\u200d\u2060 \ufeff")) == [NoticeKind.EMPTY_MESSAGE]
     persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # the ZWNJ belongs to the word
     rtl = "\u202eabc"
     await say(service, persian)

@@ -11,7 +11,6 @@ from bots.core.models import (
     Author,
     ConversationKey,
     Incoming,
-    Notice,
     NoticeKind,
     ReplyPart,
     Role,
@@ -19,7 +18,7 @@ from bots.core.models import (
 )
 from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable, StoreUnavailable
 from bots.core.service import ChatPolicy, ConversationService
-from tests.fakes import MemoryStore, ScriptedModel
+from tests.fakes import MemoryStore, ScriptedModel, collect, notices, text_of
 
 KEY = ConversationKey("test", "chan")
 
@@ -30,19 +29,6 @@ def make(
     store, model = MemoryStore(), model or ScriptedModel()
     policy = ChatPolicy(system_prompt="Be brief.", **options)  # type: ignore[arg-type]
     return ConversationService(store, model, policy=policy), store, model
-
-
-async def collect(service: ConversationService, incoming: Incoming) -> list[ReplyPart]:
-    async with aclosing(service.respond(incoming)) as parts:
-        return [part async for part in parts]
-
-
-def text_of(parts: list[ReplyPart]) -> str:
-    return "".join(p for p in parts if isinstance(p, str))
-
-
-def notices(parts: list[ReplyPart]) -> list[NoticeKind]:
-    return [p.kind for p in parts if isinstance(p, Notice)]
 
 
 async def test_reply_streams_and_both_turns_are_recorded() -> None:

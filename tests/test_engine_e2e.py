@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +18,10 @@ import pytest
 from redis.asyncio import Redis
 
 from bots.core.models import ConversationKey, Role, Turn
-from bots.runtime import local_inference
 from bots.store.redis import RedisContextStore
-from tests.conftest import ROOT, free_port
+from tests.conftest import ENGINE_API_KEY as API_KEY
 
 pytestmark = pytest.mark.engine
-
-API_KEY = "test-engine-key"
-MAX_MODEL_LEN = 2048
-
-
-@pytest.fixture(scope="session")
-async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """Start `python -m inference serve` with the bundled model; yield its base URL."""
-    port = free_port()
-    settings = {
-        "DATA_DIR": str(ROOT / "data"),
-        "INFERENCE_PORT": str(port),
-        "INFERENCE_API_KEY": API_KEY,
-        "INFERENCE_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
-        "INFERENCE_KV_CACHE_GIB": "1",
-        "INFERENCE_MAX_NUM_SEQS": "16",
-    }
-    base_url = f"http://127.0.0.1:{port}/v1"
-    log_path = tmp_path_factory.mktemp("engine") / "inference.log"
-    async with local_inference(
-        base_url, log_path, env={**os.environ, **settings}, ready_within=600
-    ):
-        yield base_url
 
 
 def console(engine: str, redis_url: str, prefix: str, cwd: Path, *typed: str) -> str:

@@ -60,11 +60,15 @@ def test_the_api_key_never_reaches_the_command_line() -> None:
     assert launch.env["VLLM_API_KEY"] == "sk-very-secret"
     assert launch.argv[launch.argv.index("--dtype") :][:2] == ["--dtype", "float32"]
     assert "--enforce-eager" in launch.argv and launch.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert launch.argv[launch.argv.index("--block-size") + 1] == "32"
+    assert "--enable-prefix-caching" in launch.argv
+    assert "--enable-tokenizer-info-endpoint" in launch.argv
 
 
 def test_gpu_launch_compiles_and_keeps_the_model_dtype() -> None:
     launch = engine_launch(InferenceSettings(_env_file=None), "m", "gpu")  # type: ignore[call-arg]
     assert "--enforce-eager" not in launch.argv and "VLLM_CPU_KVCACHE_SPACE" not in launch.env
+    assert "--block-size" not in launch.argv
     assert launch.argv[launch.argv.index("--dtype") + 1] == "auto"
 
 
