@@ -243,3 +243,13 @@ async def test_special_token_spellings_reach_the_model_as_plain_text() -> None:
         assert token[0] + "\u2060" + token[1:] in sent
     assert sent.replace("\u2060", "") == attack
     assert store.turns[KEY][0].content == attack, "history keeps the text as written"
+
+
+async def test_an_edit_finds_the_message_in_its_author_s_own_conversation() -> None:
+    service, store, _ = make(per_user_in_groups=True)
+    await say(service, "typo hre", in_group=True, message_id="m1")
+    edited = Incoming(KEY, "typo here", author=ADA, in_group=True, message_id="m1")
+    assert await service.edit(edited)
+    ada = ConversationKey("test", "room", user="1")
+    assert store.turns[ada][0].content == "typo here"
+    assert not await service.edit(Incoming(KEY, "x", author=BOB, in_group=True, message_id="m1"))

@@ -145,10 +145,13 @@ class ConversationService:
             return dataclasses.replace(incoming.key, user=incoming.author.id)
         return incoming.key
 
-    async def edit(self, key: ConversationKey, message_id: str, text: str) -> bool:
-        """Update the stored turn of an edited user message; False if it is not in context."""
+    async def edit(self, edited: Incoming) -> bool:
+        """Update the stored turn of an edited message (by its `message_id`); False if none."""
+        if edited.message_id is None:
+            return False
+        key = self.conversation_of(edited)
         async with self._line.hold(key):
-            return await self._store.edit(key, message_id, sanitize(text))
+            return await self._store.edit(key, edited.message_id, sanitize(edited.text))
 
     async def forget(self, key: ConversationKey, message_id: str) -> bool:
         """Remove a deleted user message from the context; False if it is not there."""

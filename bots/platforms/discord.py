@@ -240,9 +240,14 @@ class DiscordChat:
             await self._deliver(self.incoming_of(interaction, "/retry"), channel)
 
     async def on_edit(self, message: discord.Message) -> None:
-        guild = message.guild.id if message.guild else None
-        key = conversation_of(message.channel, guild, message.channel.id)
-        await self._service.edit(key, str(message.id), message.clean_content)
+        edited = Incoming(
+            self.key_of(message),
+            message.clean_content,
+            author=Author(str(message.author.id), message.author.display_name),
+            in_group=message.guild is not None,
+            message_id=str(message.id),
+        )
+        await self._service.edit(edited)
 
     async def on_delete(
         self, channel: object, guild: int | None, channel_id: int, message_id: int

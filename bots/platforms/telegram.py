@@ -157,8 +157,11 @@ class TelegramChat:
         if message is None or not self.is_admitted(message):
             return
         text = self.addressed_text(message, context.bot.username)
-        if text is not None:
-            await self._answer(message, text, is_admin=False)
+        if text is None:
+            return
+        # "@bot /reset" is a command too; only commands ask who is an admin.
+        is_admin = text.startswith("/") and await self.is_admin(message)
+        await self._answer(message, text, is_admin=is_admin)
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Hand a command to the core, unless it is addressed to another bot (/cmd@other)."""
