@@ -69,3 +69,22 @@ async def test_undecodable_input_is_answered_not_fatal(tmp_path: Path) -> None:
     assert process.returncode == 0, err.decode()
     assert "parley> Got it." in out.decode()
     assert server.completions()[0].body["messages"][-1]["content"] == "caf\ufffd \ufffd\ufffd ok"
+
+
+async def test_limits_budget_and_persona_hold_in_the_real_process(tmp_path: Path) -> None:
+    env = console_env("", tmp_path / "data")
+    env.update({"LIMITS_USER_MESSAGES": "2", "LIMITS_DAILY_TOKENS": "1000"})
+    async with FakeOpenAI([Reply("Arr.")]) as server:
+        env["LLM_BASE_URL"] = server.base_url
+        screen = await chat(
+            env, tmp_path, "/persona set You are a pirate.", "one", "two", "three", "/usage"
+        )
+    assert screen.count("parley> Arr.") == 2
+    assert "You're sending messages faster than I can answer; try again in" in screen
+    assert len(server.completions()) == 2, "the limited message made no model call"
+    assert server.completions()[0].body["messages"][0] == {
+        "role": "system",
+        "content": "You are a pirate.",
+    }
+    # the fake reports 10 prompt tokens and one per 4-character chunk: 11 per reply
+    assert "You have used 22 of your 1,000 tokens today" in screen

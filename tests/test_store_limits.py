@@ -7,10 +7,13 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from bots.core.models import ConversationKey
+from bots.core.models import Author, ConversationKey, Incoming, NoticeKind
 from bots.core.ports import StoreUnavailable
+from bots.core.service import ConversationService
 from bots.runtime import connect_redis
 from bots.store.limits import RedisLimiter
+from bots.store.redis import RedisContextStore
+from tests.fakes import ScriptedModel, collect, notices
 
 ROOM = ConversationKey("test", "room")
 
@@ -99,3 +102,34 @@ async def test_unreachable_redis_is_reported_as_such(key_prefix: str) -> None:
             await limiter(client, key_prefix).admit("test:1", ROOM)
     finally:
         await client.aclose()
+
+
+async def test_two_service_replicas_share_the_limit_and_the_context(
+    redis_url: str, key_prefix: str
+) -> None:
+    clients = [connect_redis(redis_url) for _ in range(2)]
+    try:
+        replicas = [
+            ConversationService(
+                RedisContextStore(client, prefix=key_prefix, max_turns=100, ttl_seconds=60),
+                ScriptedModel(),
+                limiter=limiter(client, key_prefix, user_messages=6),
+            )
+            for client in clients
+        ]
+        ada = Author("1", "Ada")
+        rooms = [ConversationKey("test", f"room-{i}") for i in range(10)]
+        answers = await asyncio.gather(
+            *(
+                collect(replicas[i % 2], Incoming(rooms[i], f"hello {i}", author=ada))
+                for i in range(10)
+            )
+        )
+        store = RedisContextStore(clients[0], prefix=key_prefix, max_turns=100, ttl_seconds=60)
+        stored = [len(await store.load(room)) for room in rooms]
+    finally:
+        for client in clients:
+            await client.aclose()
+    limited = [notices(parts) == [NoticeKind.RATE_LIMITED] for parts in answers]
+    assert limited.count(False) == 6 and limited.count(True) == 4
+    assert [2 if not refused else 0 for refused in limited] == stored, "only answers are stored"
