@@ -253,3 +253,9 @@ async def test_an_edit_finds_the_message_in_its_author_s_own_conversation() -> N
     ada = ConversationKey("test", "room", user="1")
     assert store.turns[ada][0].content == "typo here"
     assert not await service.edit(Incoming(KEY, "x", author=BOB, in_group=True, message_id="m1"))
+
+
+async def test_a_persona_may_span_lines() -> None:
+    service, store, _ = make()
+    await say(service, "/persona set\nYou are a pirate.\nSay arr.")
+    assert store.personas[KEY] == "You are a pirate.\nSay arr."

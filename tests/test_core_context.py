@@ -118,3 +118,12 @@ def test_any_history_fits_any_budget(
     assert fitted.shortened == (new_size + 4 + 5 + 3 > budget)
     if len(fitted.messages) > 2:
         assert fitted.messages[1].role is Role.USER
+
+
+async def test_a_system_prompt_too_long_for_the_context_is_cut_to_half_of_it() -> None:
+    model = ScriptedModel()
+    fitter = ContextFitter(model.count_tokens, target=0.5)
+    new = Turn(Role.USER, "hello there", seq=1)
+    fitted = await fitter.fit("persona " * 5000, [], new, window_start=None, budget=300)
+    assert await model.count_tokens(fitted.messages[:1]) <= 150
+    assert fitted.messages[-1].content == "hello there" and not fitted.shortened

@@ -101,6 +101,8 @@ class ContextFitter:
         `clean` is applied to every text the model will read (see `text.neutralize`).
         """
         head = [PromptMessage(Role.SYSTEM, clean(system))] if system else []
+        if head and not await self.fits(head, budget // 2):  # a persona past reason
+            head = [await self._shorten([], head[0], budget // 2)]
         current = render(new, clean)
         shortened = not await self.fits([*head, current], budget)
         if shortened:

@@ -183,21 +183,23 @@ class ConversationService:
             elif is_blank(text):
                 parts = _one(notice(NoticeKind.EMPTY_MESSAGE))
             else:
-                limit = self._policy.max_message_chars
-                turn = self._user_turn(
-                    incoming, text[:limit] + SHORTENED_SUFFIX if len(text) > limit else text
-                )
-                parts = self._reply(incoming, key, turn, cut=len(text) > limit)
+                turn, cut = self._user_turn(incoming, text)
+                parts = self._reply(incoming, key, turn, cut=cut)
             async for part in parts:
                 yield part
         finally:
             place.leave()
 
-    @staticmethod
-    def _user_turn(incoming: Incoming, text: str) -> Turn:
+    def _user_turn(self, incoming: Incoming, text: str) -> tuple[Turn, bool]:
+        """The turn to store: the text cut at `max_message_chars` (and whether it was), the
+        author named in groups."""
+        limit = self._policy.max_message_chars
+        cut = len(text) > limit
+        if cut:
+            text = text[:limit] + SHORTENED_SUFFIX
         author = incoming.author
         name = clean_name(author.display_name) if incoming.in_group and author else None
-        return Turn(Role.USER, text, name=name or None, message_id=incoming.message_id)
+        return Turn(Role.USER, text, name=name or None, message_id=incoming.message_id), cut
 
     async def _command(
         self, command: Command, incoming: Incoming, key: ConversationKey
@@ -240,7 +242,7 @@ class ConversationService:
         )
 
     async def _persona(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
-        action, _, text = args.partition(" ")
+        action, _, text = args.replace("\n", " ", 1).partition(" ")
         channel = key.channel_key
         if action in ("", "show"):
             persona = (await self._store.state(channel)).persona
@@ -288,8 +290,9 @@ class ConversationService:
                 turn, history, replacing = history[last], history[:last], history[last].seq
             budget = await self._model.context_window() - self._policy.reply_tokens
             markers = await self._special_tokens()
+            persona = channel.persona
             fitted = await self._fitter.fit(
-                _system_prompt(channel.persona, self._policy.system_prompt),
+                persona if persona is not None else self._policy.system_prompt,
                 history,
                 turn,
                 window_start=state.window_start,
@@ -379,10 +382,6 @@ class ConversationService:
 def _user_of(incoming: Incoming) -> str | None:
     """Name the sender for limits and budgets: ids are only unique within a platform."""
     return f"{incoming.key.platform}:{incoming.author.id}" if incoming.author else None
-
-
-def _system_prompt(persona: str | None, default: str) -> str:
-    return persona if persona is not None else default
 
 
 def _last_user_turn(history: Sequence[Turn]) -> int | None:

@@ -104,13 +104,21 @@ class OpenAIChatModel:
             response = await self._client.post(
                 f"{self._root}/tokenize", cast_to=httpx2.Response, body=body
             )
-        except openai.NotFoundError:
-            log.warning("the model server has no /tokenize; counting tokens by bytes")
-            self._can_tokenize = False
-            return bound_tokens(prompt)
+        except openai.APIStatusError as error:
+            if not _lacks_page(error):
+                raise _mapped(error) from error
+            return self._count_by_bytes(prompt, f"HTTP {error.status_code}")
         except openai.OpenAIError as error:
             raise _mapped(error) from error
-        return int(response.json()["count"])
+        try:
+            return int(response.json()["count"])
+        except (KeyError, TypeError, ValueError):
+            return self._count_by_bytes(prompt, "an unreadable answer")
+
+    def _count_by_bytes(self, prompt: Sequence[PromptMessage], why: str) -> int:
+        log.warning("the model server's /tokenize gave %s; counting tokens by bytes", why)
+        self._can_tokenize = False
+        return bound_tokens(prompt)
 
     async def special_tokens(self) -> list[str]:
         """Read the served tokenizer's added tokens (vLLM's `/tokenizer_info`), once.
@@ -124,7 +132,11 @@ class OpenAIChatModel:
                     f"{self._root}/tokenizer_info", cast_to=httpx2.Response
                 )
                 info = response.json()
-            except (openai.NotFoundError, ValueError):
+            except openai.APIStatusError as error:
+                if not _lacks_page(error):
+                    raise _mapped(error) from error
+                info = {}
+            except ValueError:
                 info = {}
             except openai.OpenAIError as error:
                 raise _mapped(error) from error
@@ -191,6 +203,11 @@ class OpenAIChatModel:
                 backoff *= 2
             except openai.OpenAIError as error:
                 raise _mapped(error) from error
+
+
+def _lacks_page(error: openai.APIStatusError) -> bool:
+    """Tell a server without the page (404, 405, 400, 422) from one that is failing."""
+    return error.status_code in (400, 404, 405, 422)
 
 
 def _wire(prompt: Sequence[PromptMessage]) -> list[dict[str, str]]:

@@ -42,6 +42,11 @@ return {1, 0, ''}
 """
 
 
+def _tag(user: str) -> str:
+    """A user's keys share one cluster slot: their percent-encoded id as the hash tag."""
+    return "{" + quote(user, safe="") + "}"
+
+
 class RedisLimiter:
     """Per-user and per-conversation message limits, and a daily token budget per user.
 
@@ -75,30 +80,30 @@ class RedisLimiter:
         self._daily_tokens = daily_tokens
         self._admit = client.register_script(ADMIT)
 
-    def _user_tag(self, user: str) -> str:
-        return "{" + quote(user, safe="") + "}"
+    def _user_key(self, user: str) -> str:
+        return f"{self._prefix}:limit:user:{_tag(user)}"
 
     def tokens_key(self, user: str, day: datetime.date | None = None) -> str:
         day = day or datetime.datetime.now(datetime.UTC).date()
-        return f"{self._prefix}:tokens:{self._user_tag(user)}:{day:%Y%m%d}"
+        return f"{self._prefix}:tokens:{_tag(user)}:{day:%Y%m%d}"
 
     async def admit(self, user: str | None, conversation: ConversationKey) -> Admission:
+        member = os.urandom(8).hex()  # this message's entry in the windows
         try:
-            member = os.urandom(8).hex()
             if user is not None:
-                keys = [f"{self._prefix}:limit:user:{self._user_tag(user)}", self.tokens_key(user)]
-                refused = await self._check(keys, self._user, member, "user")
-                if refused is not None:
+                keys = [self._user_key(user), self.tokens_key(user)]
+                if refused := await self._check(keys, self._user, member, "user"):
                     return refused
-            conversation_key = f"{self._prefix}:limit:conv:{conversation_slot(conversation)}"
-            refused = await self._check(
-                [conversation_key], self._conversation, member, "conversation"
-            )
-            if refused is not None and user is not None:
-                await self._client.zrem(keys[0], member)
-            return refused or ADMITTED
+            keys = [f"{self._prefix}:limit:conv:{conversation_slot(conversation)}"]
+            if not self._conversation[0]:  # no conversation limit: no second round trip
+                return ADMITTED
+            if refused := await self._check(keys, self._conversation, member, "conversation"):
+                if user is not None:  # give the user's place back
+                    await self._client.zrem(self._user_key(user), member)
+                return refused
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
+        return ADMITTED
 
     async def _check(
         self, keys: list[str], limit: tuple[int, int], member: str, reason: str
