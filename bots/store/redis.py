@@ -78,11 +78,16 @@ return 0
 def conversation_slot(key: ConversationKey) -> str:
     """Encode a conversation key injectively: distinct keys never share a Redis key.
 
-    Each part is percent-encoded, so no part can contain the separator; the braces make
-    the whole key a Redis Cluster hash tag, keeping a conversation's keys in one slot.
+    Each part is percent-encoded, so no part can contain the separator (nor "=", which
+    marks the user part of a group member's own conversation); the braces make the whole
+    key a Redis Cluster hash tag, keeping a conversation's keys in one slot.
     """
-    parts = [key.platform, key.channel] + ([key.thread] if key.thread is not None else [])
-    return "{" + ":".join(quote(part, safe="") for part in parts) + "}"
+    parts = [quote(key.platform, safe=""), quote(key.channel, safe="")]
+    if key.thread is not None:
+        parts.append(quote(key.thread, safe=""))
+    if key.user is not None:
+        parts.append("u=" + quote(key.user, safe=""))
+    return "{" + ":".join(parts) + "}"
 
 
 def encode_turn(turn: Turn) -> str:
