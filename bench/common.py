@@ -84,12 +84,15 @@ class PacedModel:
     async def special_tokens(self) -> list[str]:
         return []
 
+    async def adapters(self) -> list[str]:
+        return []
+
     def expected(self, message: str) -> str:
         words = "".join(f"w{index % 1000:03d} " for index in range(self.tokens))
         return (f"{message}: " if self.echo else "") + words
 
     async def stream(
-        self, prompt: Sequence[PromptMessage], *, session: str
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
     ) -> AsyncIterator[Chunk]:
         if self.echo:
             yield Chunk(text=f"{prompt[-1].content}: ")

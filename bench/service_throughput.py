@@ -42,8 +42,11 @@ class InstantModel:
     async def special_tokens(self) -> list[str]:
         return []
 
+    async def adapters(self) -> list[str]:
+        return []
+
     async def stream(
-        self, prompt: Sequence[PromptMessage], *, session: str
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
     ) -> AsyncIterator[Chunk]:
         for piece in REPLY:
             yield Chunk(text=piece)

@@ -1,4 +1,4 @@
-"""Composition root: `python -m bots [run|console|discord]`.
+"""Composition root: `python -m bots [run|console|discord|telegram|export]`.
 
 `run` starts every platform bot whose token is set, or the console chat when none is.
 With no LLM_BASE_URL it first starts the local inference service; with no REDIS_URL it
@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from openai import AsyncOpenAI
 
+from bots import export
 from bots.core.models import Author, ConversationKey
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
@@ -102,6 +103,7 @@ def chat_policy(settings: BotSettings) -> ChatPolicy:
         max_persona_chars=chat.max_persona_chars,
         per_user_in_groups=chat.group_conversation == "user",
         max_in_flight=settings.limits.max_in_flight,
+        collect_default=chat.collect_default,
     )
 
 
@@ -187,10 +189,14 @@ def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
     parser.add_argument(
-        "command", nargs="?", default="run", choices=["run", "console", *PLATFORMS],
-        help="run (default): the bots whose tokens are set, else the console",
+        "command", nargs="?", default="run", choices=["run", "console", *PLATFORMS, "export"],
+        help="run (default): the bots whose tokens are set, else the console; "
+        "export: opted-in conversations as JSONL (see export --help)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:

@@ -58,6 +58,9 @@ class ChatSettings(BaseModel):
     )
     max_message_chars: int = Field(default=16_000, ge=100)
     max_persona_chars: int = Field(default=4_000, ge=10)
+    collect_default: bool = Field(
+        default=False, description="Export conversations for training unless an admin opts out."
+    )
 
 
 class LimitsSettings(BaseModel):

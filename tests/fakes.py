@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from bots.core.models import (
     ADMITTED,
     Admission,
+    ChannelOption,
     Chunk,
     ConversationKey,
     ConversationState,
@@ -36,7 +37,7 @@ class MemoryStore:
         self.turns: dict[ConversationKey, list[Turn]] = defaultdict(list)
         self.windows: dict[ConversationKey, int] = {}
         self.counters: dict[ConversationKey, int] = defaultdict(int)
-        self.personas: dict[ConversationKey, str] = {}
+        self.options: dict[ConversationKey, dict[str, str]] = defaultdict(dict)
         self.down = False
 
     def _check(self) -> None:
@@ -70,14 +71,29 @@ class MemoryStore:
 
     async def state(self, key: ConversationKey) -> ConversationState:
         self._check()
-        return ConversationState(self.personas.get(key), self.windows.get(key))
+        options = self.options[key]
+        collect = options.get("collect")
+        return ConversationState(
+            options.get("persona"),
+            self.windows.get(key),
+            options.get("adapter"),
+            None if collect is None else collect == "on",
+        )
 
-    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+    async def set_option(
+        self, key: ConversationKey, option: ChannelOption, value: str | None
+    ) -> None:
         self._check()
-        if persona is None:
-            self.personas.pop(key, None)
+        if value is None:
+            self.options[key].pop(option, None)
         else:
-            self.personas[key] = persona
+            self.options[key][option] = value
+
+    async def conversations(self) -> AsyncIterator[ConversationKey]:
+        self._check()
+        for key, turns in list(self.turns.items()):
+            if turns:
+                yield key
 
     async def clear(self, key: ConversationKey) -> None:
         self._check()
@@ -113,6 +129,8 @@ class ScriptedModel:
     prompts: list[list[PromptMessage]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     counted: int = 0
+    served_adapters: list[str] = field(default_factory=list)
+    asked_adapters: list[str | None] = field(default_factory=list)
 
     def reply(self, prompt: Sequence[PromptMessage]) -> str:
         return f"echo {len(prompt)}: {prompt[-1].content}"
@@ -123,15 +141,19 @@ class ScriptedModel:
     async def special_tokens(self) -> Sequence[str]:
         return ["<|im_start|>", "<|im_end|>", "<repo_name>"]
 
+    async def adapters(self) -> list[str]:
+        return list(self.served_adapters)
+
     async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
         """Count like a tokenizer of one token per word, plus the template's markers."""
         self.counted += 1
         return sum(len(m.content.split()) + 4 for m in prompt) + 3
 
     async def stream(
-        self, prompt: Sequence[PromptMessage], *, session: str
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
     ) -> AsyncIterator[Chunk]:
         self.prompts.append(list(prompt))
+        self.asked_adapters.append(adapter)
         if session in self.gates:
             await self.gates[session].wait()
         words = self.reply(prompt).split(" ")

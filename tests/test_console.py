@@ -51,7 +51,7 @@ async def test_reset_help_unknown_and_quit() -> None:
 async def test_persona_retry_and_usage_work_in_the_console() -> None:
     store = MemoryStore()
     screen = await run(store, "/persona set You are terse.\n", "hi\n", "/retry\n", "/usage\n")
-    assert "Persona set" in screen and store.personas[KEY] == "You are terse."
+    assert "Persona set" in screen and store.options[KEY]["persona"] == "You are terse."
     assert screen.count("parley> echo 2: hi") == 2, "answered, then answered again"
     assert len(store.turns[KEY]) == 2 and "Token use isn't counted here." in screen
 

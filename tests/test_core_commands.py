@@ -83,15 +83,17 @@ async def test_in_groups_only_admins_change_the_persona_or_reset() -> None:
     service, store, _ = make()
     await say(service, "hi", in_group=True)
     refused = text_of(await say(service, "/persona set evil", in_group=True))
-    assert refused.startswith("Only admins") and not store.personas
+    assert refused.startswith("Only admins") and "persona" not in store.options[KEY]
     assert text_of(await say(service, "/reset", in_group=True)).startswith("Only admins")
     assert store.turns[KEY], "nothing forgotten"
     await say(service, "/persona set kind", in_group=True, is_admin=True)
-    assert store.personas[KEY] == "kind"
+    assert store.options[KEY]["persona"] == "kind"
     assert text_of(await say(service, "/reset", in_group=True, is_admin=True)).startswith(
         "Conversation forgotten"
     )
-    assert not store.turns[KEY] and store.personas[KEY] == "kind", "reset keeps the persona"
+    assert not store.turns[KEY] and store.options[KEY]["persona"] == "kind", (
+        "reset keeps the persona"
+    )
 
 
 async def test_persona_too_long_or_empty_is_refused_with_the_reason() -> None:
@@ -100,7 +102,7 @@ async def test_persona_too_long_or_empty_is_refused_with_the_reason() -> None:
         await say(service, "/persona set " + "p" * 11)
     )
     assert text_of(await say(service, "/persona set   ")).startswith("Say who I should be")
-    assert not store.personas
+    assert "persona" not in store.options[KEY]
 
 
 async def test_retry_replaces_the_last_answer_in_place() -> None:
@@ -258,4 +260,29 @@ async def test_an_edit_finds_the_message_in_its_author_s_own_conversation() -> N
 async def test_a_persona_may_span_lines() -> None:
     service, store, _ = make()
     await say(service, "/persona set\nYou are a pirate.\nSay arr.")
-    assert store.personas[KEY] == "You are a pirate.\nSay arr."
+    assert store.options[KEY]["persona"] == "You are a pirate.\nSay arr."
+
+
+async def test_collection_is_off_by_default_and_set_by_admins() -> None:
+    service, store, _ = make()
+    assert "not exported for training (by default)" in text_of(await say(service, "/collect"))
+    refused = text_of(await say(service, "/collect on", in_group=True))
+    assert refused.startswith("Only admins") and "collect" not in store.options[KEY]
+    answer = text_of(await say(service, "/collect on", in_group=True, is_admin=True))
+    assert answer == "This conversation may be exported to train me (as an admin chose)."
+    assert (await store.state(KEY)).collect is True
+
+
+async def test_an_adapter_is_chosen_from_those_served_and_then_asked_for() -> None:
+    model = ScriptedModel(served_adapters=["support-3f2a9c1b"])
+    service, store, _ = make(model)
+    shown = text_of(await say(service, "/adapter"))
+    assert shown == "I answer here with the base model. Served adapters: support-3f2a9c1b."
+    unknown = text_of(await say(service, "/adapter support-old"))
+    assert unknown.startswith("No adapter is served as support-old. Served adapters: support-3f2a")
+    assert "adapter" not in store.options[KEY]
+    await say(service, "/adapter support-3f2a9c1b")
+    await say(service, "hello")
+    await say(service, "/adapter off")
+    await say(service, "hello again")
+    assert model.asked_adapters == ["support-3f2a9c1b", None]

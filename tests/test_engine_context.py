@@ -37,9 +37,14 @@ class Recording:
     async def special_tokens(self) -> Sequence[str]:
         return await self.model.special_tokens()
 
-    def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:
+    async def adapters(self) -> list[str]:
+        return await self.model.adapters()
+
+    def stream(
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
+    ) -> AsyncIterator[Chunk]:
         self.prompts.append(list(prompt))
-        return self.model.stream(prompt, session=session)
+        return self.model.stream(prompt, session=session, adapter=adapter)
 
 
 @pytest.fixture

@@ -158,13 +158,13 @@ async def test_window_start_and_persona_are_kept_beside_the_turns(
 ) -> None:
     assert await store.state(KEY) == ConversationState()
     await store.append(KEY, Turn(Role.USER, "q"), window_start=7)
-    await store.set_persona(KEY, "Tu es un chat. 🐈")
+    await store.set_option(KEY, "persona", "Tu es un chat. 🐈")
     assert await store.state(KEY) == ConversationState("Tu es un chat. 🐈", 7)
     assert 0 < await redis_client.ttl(store.redis_key(KEY, "win")) <= 3600
     await store.clear(KEY)
     assert await store.state(KEY) == ConversationState("Tu es un chat. 🐈", None)
     assert await store.load(KEY) == []
-    await store.set_persona(KEY, None)
+    await store.set_option(KEY, "persona", None)
     assert await store.state(KEY) == ConversationState()
 
 

@@ -11,6 +11,8 @@ HELP_TEXT = (
     "/retry    answer your last message again\n"
     "/usage    how many tokens you have used today\n"
     "/persona  show who I am here; admins: /persona set <text>, /persona clear\n"
+    "/adapter  show the fine-tuned model answering here; admins: /adapter <name>, /adapter off\n"
+    "/collect  show whether this conversation may train me; admins: /collect on, /collect off\n"
     "/help     show this help"
 )
 

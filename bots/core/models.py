@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class Role(enum.StrEnum):
@@ -124,6 +125,7 @@ ReplyPart = str | Notice
 class ConversationState:
     """What Parley keeps about a conversation beside its turns.
 
+    Persona, adapter and collection are the channel's options, set by its admins.
     `window_start` numbers the oldest turn the model still sees: the prompt's history
     starts there, so it stays the same from turn to turn until the next trim (see
     `bots.core.context`).
@@ -131,6 +133,8 @@ class ConversationState:
 
     persona: str | None = None
     window_start: int | None = None
+    adapter: str | None = None  # the fine-tuned adapter answering here; None: the base model
+    collect: bool | None = None  # transcripts may be exported for training; None: the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +156,7 @@ class TokenUsage:
     used: int
     budget: int | None
     resets_in: float  # seconds until the day (UTC) turns
+
+
+ChannelOption = Literal["persona", "adapter", "collect"]
+"""The options an admin sets for a channel, stored as text ("on"/"off" for collect)."""

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from bots.core.models import (
     Admission,
+    ChannelOption,
     Chunk,
     ConversationKey,
     ConversationState,
@@ -30,6 +31,10 @@ class ModelUnavailable(ModelError):
 
 class ModelRejected(ModelError):
     """The model server refused the request (bad key, unknown model, invalid request)."""
+
+
+class AdapterUnknown(ModelRejected):
+    """The server does not serve the adapter asked for."""
 
 
 class ModelInterrupted(ModelError):
@@ -61,8 +66,14 @@ class ContextStore(Protocol):
         """Return what is kept beside the turns: persona, context window start."""
         ...
 
-    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
-        """Set the conversation's persona (its system prompt), or clear it with None."""
+    async def set_option(
+        self, key: ConversationKey, option: ChannelOption, value: str | None
+    ) -> None:
+        """Set a channel option (persona, adapter, collect), or clear it with None."""
+        ...
+
+    def conversations(self) -> AsyncIterator[ConversationKey]:
+        """Yield the key of every stored conversation, once each, in no order."""
         ...
 
     async def clear(self, key: ConversationKey) -> None:
@@ -79,8 +90,17 @@ class ContextStore(Protocol):
 
 
 class ChatModel(Protocol):
-    def stream(self, prompt: Sequence[PromptMessage], *, session: str) -> AsyncIterator[Chunk]:
-        """Stream the reply to a prompt; `session` names the conversation for cache affinity."""
+    def stream(
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Stream the reply to a prompt; `session` names the conversation for cache affinity.
+
+        `adapter` asks for a fine-tuned adapter the server serves, instead of the base model.
+        """
+        ...
+
+    async def adapters(self) -> list[str]:
+        """List the names of the fine-tuned adapters the server serves for this model."""
         ...
 
     async def context_window(self) -> int:

@@ -24,6 +24,7 @@ from bots.core.models import (
     Usage,
 )
 from bots.core.ports import (
+    AdapterUnknown,
     ChatModel,
     ContextStore,
     Limiter,
@@ -99,6 +100,7 @@ class ChatPolicy:
         max_persona_chars: the longest persona an admin may set.
         per_user_in_groups: in groups, each member has a conversation of their own.
         max_in_flight: model requests at once from this process; more wait in line.
+        collect_default: conversations may be exported for training unless an admin says no.
     """
 
     system_prompt: str = ""
@@ -108,6 +110,7 @@ class ChatPolicy:
     max_persona_chars: int = 4_000
     per_user_in_groups: bool = False
     max_in_flight: int = 64
+    collect_default: bool = False
 
 
 class ConversationService:
@@ -217,10 +220,16 @@ class ConversationService:
                 yield await self._usage(incoming)
             elif command.name == "persona":
                 yield await self._persona(command.args, incoming, key)
+            elif command.name == "adapter":
+                yield await self._adapter(command.args, incoming, key)
+            elif command.name == "collect":
+                yield await self._collect(command.args, incoming, key)
             else:
                 yield f"I don't know /{command.name}.\n{HELP_TEXT}"
         except StoreUnavailable:
             yield notice(NoticeKind.STORE_UNAVAILABLE)
+        except ModelError as error:
+            yield self._model_notice(error)
 
     async def _reset(self, incoming: Incoming, key: ConversationKey) -> str:
         shared = incoming.in_group and key.user is None
@@ -254,7 +263,7 @@ class ConversationService:
         if incoming.in_group and not incoming.is_admin:
             return "Only admins can change my persona in a group."
         if action == "clear":
-            await self._store.set_persona(channel, None)
+            await self._store.set_option(channel, "persona", None)
             return "Persona cleared; I use the default system prompt again."
         persona = text.strip()
         if not persona:
@@ -264,8 +273,42 @@ class ConversationService:
                 f"A persona can be at most {self._policy.max_persona_chars:,} characters; "
                 f"that one has {len(persona):,}."
             )
-        await self._store.set_persona(channel, persona)
+        await self._store.set_option(channel, "persona", persona)
         return "Persona set; it applies from the next message."
+
+    async def _adapter(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
+        channel, name = key.channel_key, args.strip()
+        if not name:
+            current = (await self._store.state(channel)).adapter
+            answering = f"the adapter {current}" if current else "the base model"
+            return f"I answer here with {answering}. {await self._served_adapters()}"
+        if incoming.in_group and not incoming.is_admin:
+            return "Only admins can choose the adapter in a group."
+        if name == "off":
+            await self._store.set_option(channel, "adapter", None)
+            return "I answer here with the base model again."
+        if name not in await self._model.adapters():
+            return f"No adapter is served as {name}. {await self._served_adapters()}"
+        await self._store.set_option(channel, "adapter", name)
+        return f"I answer here with the adapter {name} from the next message."
+
+    async def _served_adapters(self) -> str:
+        return f"Served adapters: {', '.join(await self._model.adapters()) or 'none'}."
+
+    async def _collect(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
+        channel, choice = key.channel_key, args.strip().lower()
+        if choice in ("on", "off"):
+            if incoming.in_group and not incoming.is_admin:
+                return "Only admins can change whether a group's conversation is collected."
+            await self._store.set_option(channel, "collect", choice)
+        elif choice:
+            return "Use /collect, /collect on or /collect off."
+        chosen = (await self._store.state(channel)).collect
+        collected = self._policy.collect_default if chosen is None else chosen
+        how = "by default" if chosen is None else "as an admin chose"
+        if collected:
+            return f"This conversation may be exported to train me ({how})."
+        return f"This conversation is not exported for training ({how})."
 
     async def _reply(
         self, incoming: Incoming, key: ConversationKey, turn: Turn | None, *, cut: bool = False
@@ -288,6 +331,7 @@ class ConversationService:
                     yield "There is no message of yours to answer again yet."
                     return
                 turn, history, replacing = history[last], history[:last], history[last].seq
+            adapter = channel.adapter
             budget = await self._model.context_window() - self._policy.reply_tokens
             markers = await self._special_tokens()
             persona = channel.persona
@@ -310,7 +354,7 @@ class ConversationService:
             return
         if fitted.shortened or cut:
             yield notice(NoticeKind.MESSAGE_SHORTENED)
-        async for part in self._stream_and_record(key, turn, fitted, replacing, user):
+        async for part in self._stream_and_record(key, turn, fitted, replacing, user, adapter):
             yield part
 
     async def _stream_and_record(
@@ -320,6 +364,7 @@ class ConversationService:
         fitted: Fitted,
         replacing: int | None,
         user: str | None,
+        adapter: str | None,
     ) -> AsyncGenerator[ReplyPart, None]:
         pieces: list[str] = []
         usage: Usage | None = None
@@ -327,7 +372,8 @@ class ConversationService:
             yield notice(NoticeKind.QUEUED)
         async with self._slots:
             try:
-                async for chunk in self._model.stream(fitted.messages, session=str(key)):
+                parts = self._model.stream(fitted.messages, session=str(key), adapter=adapter)
+                async for chunk in parts:
                     if chunk.text:
                         pieces.append(chunk.text)
                         yield chunk.text
@@ -372,6 +418,9 @@ class ConversationService:
     @staticmethod
     def _model_notice(error: ModelError) -> Notice:
         log.warning("model call failed: %s", error)
+        if isinstance(error, AdapterUnknown):
+            text = "The adapter chosen here is not served any more; an admin can pick another."
+            return notice(NoticeKind.MODEL_REJECTED, text + " Your message is kept.")
         if isinstance(error, ModelRejected):
             return notice(NoticeKind.MODEL_REJECTED)
         if isinstance(error, ModelInterrupted):

@@ -78,11 +78,7 @@ class OpenAIChatModel:
         return self._context_tokens
 
     async def _served_context_length(self) -> int:
-        try:
-            page = await self._client.models.list()
-        except openai.OpenAIError as error:
-            raise _mapped(error) from error
-        for card in page.data:
+        for card in await self._cards():
             if card.id == self._model:
                 length = (card.model_extra or {}).get("max_model_len")
                 if isinstance(length, int) and length > 0:
@@ -91,6 +87,20 @@ class OpenAIChatModel:
             "server gave no context length for %s; assuming %d", self._model, DEFAULT_CONTEXT_TOKENS
         )
         return DEFAULT_CONTEXT_TOKENS
+
+    async def adapters(self) -> list[str]:
+        """List the LoRA adapters served on this model (vLLM lists them with a `parent`)."""
+        return sorted(
+            card.id
+            for card in await self._cards()
+            if (card.model_extra or {}).get("parent") == self._model
+        )
+
+    async def _cards(self) -> list[openai.types.Model]:
+        try:
+            return list((await self._client.models.list()).data)
+        except openai.OpenAIError as error:
+            raise _mapped(error) from error
 
     async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
         """Count with the server's own tokenizer and chat template (vLLM's `/tokenize`).
@@ -149,9 +159,9 @@ class OpenAIChatModel:
         return self._special_tokens
 
     async def stream(
-        self, prompt: Sequence[PromptMessage], *, session: str
+        self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
     ) -> AsyncIterator[Chunk]:
-        response = await self._open(prompt, session)
+        response = await self._open(prompt, session, adapter)
         started = False
         try:
             async for line in response.aiter_lines():
@@ -165,7 +175,9 @@ class OpenAIChatModel:
         finally:
             await response.aclose()
 
-    async def _open(self, prompt: Sequence[PromptMessage], session: str) -> httpx2.Response:
+    async def _open(
+        self, prompt: Sequence[PromptMessage], session: str, adapter: str | None
+    ) -> httpx2.Response:
         """Start the request, retrying until the server accepts it or the deadline passes.
 
         The request goes through the SDK's generic `post` (its auth, timeouts and error
@@ -175,7 +187,7 @@ class OpenAIChatModel:
         message (bench/bot_overhead.py).
         """
         body = {
-            "model": self._model,
+            "model": adapter or self._model,
             "messages": _wire(prompt),
             "max_tokens": self._reply_tokens,
             "temperature": self._temperature,

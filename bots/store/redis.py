@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bots.core.models import ConversationKey, ConversationState, Role, Turn, Usage
+from bots.core.models import (
+    ChannelOption,
+    ConversationKey,
+    ConversationState,
+    Role,
+    Turn,
+    Usage,
+)
 from bots.core.ports import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,6 +98,14 @@ def conversation_slot(key: ConversationKey) -> str:
     return "{" + ":".join(parts) + "}"
 
 
+def parse_slot(slot: str) -> ConversationKey:
+    """Read a conversation key back from its `conversation_slot`."""
+    parts = slot.strip("{}").split(":")
+    user = unquote(parts.pop()[2:]) if parts[-1].startswith("u=") else None
+    platform, channel, *thread = (unquote(part) for part in parts)
+    return ConversationKey(platform, channel, thread[0] if thread else None, user)
+
+
 def encode_turn(turn: Turn) -> str:
     record: dict[str, Any] = {"role": turn.role.value, "content": turn.content, "at": turn.at}
     if turn.name is not None:
@@ -118,8 +134,9 @@ def decode_turn(raw: bytes | str) -> Turn:
 class RedisContextStore:
     """Keep each conversation as one Redis list, trimmed and expired with every append.
 
-    Beside the list, a conversation has its context window's start (expiring with it)
-    and its persona (kept until cleared: an admin's setting for the channel).
+    Beside the list, a conversation has its turn counter and its context window's start
+    (expiring with it), and a channel has its options (persona, adapter, collect; kept
+    until cleared: they are its admins' settings).
 
     Args:
         client: a redis-py asyncio client.
@@ -176,24 +193,37 @@ class RedisContextStore:
             raise StoreUnavailable(str(error)) from error
 
     async def state(self, key: ConversationKey) -> ConversationState:
+        names = [self.redis_key(key, kind) for kind in ("win", "persona", "adapter", "collect")]
         try:
-            window, persona = await self._client.mget(
-                self.redis_key(key, "win"), self.redis_key(key, "persona")
-            )
+            window, persona, adapter, collect = await self._client.mget(names)
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
         return ConversationState(
-            persona=persona.decode() if isinstance(persona, bytes) else persona,
+            persona=_text(persona),
             window_start=int(window) if window is not None else None,
+            adapter=_text(adapter),
+            collect=None if collect is None else _text(collect) == "on",
         )
 
-    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
-        name = self.redis_key(key, "persona")
+    async def set_option(
+        self, key: ConversationKey, option: ChannelOption, value: str | None
+    ) -> None:
+        name = self.redis_key(key, option)
         try:
-            if persona is None:
+            if value is None:
                 await self._client.delete(name)
             else:
-                await self._client.set(name, persona.encode())
+                await self._client.set(name, value.encode())
+        except RedisError as error:
+            raise StoreUnavailable(str(error)) from error
+
+    async def conversations(self) -> AsyncIterator[ConversationKey]:
+        marker, seen = f"{self._prefix}:ctx:", set()
+        try:
+            async for name in self._client.scan_iter(match=marker + "*", count=1000):
+                if name not in seen:  # SCAN may return a key twice
+                    seen.add(name)
+                    yield parse_slot(_text(name)[len(marker) :])  # type: ignore[index]
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
 
@@ -219,3 +249,7 @@ class RedisContextStore:
             await self._client.delete(self.redis_key(key), self.redis_key(key, "win"))
         except RedisError as error:
             raise StoreUnavailable(str(error)) from error
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,66 @@
+"""Stored conversations as fine-tuning data: OpenAI chat messages, optionally redacted."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bots.core.models import Role, Turn
+
+# Platform mention forms: Discord's <@123>, <@!123>, <@&123>; Telegram's @username.
+_MENTION = re.compile(r"<@[!&]?\d+>|@\w{3,}")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which turns to export: written at or after `since`, before `until` (epoch seconds)."""
+
+    since: float | None = None
+    until: float | None = None
+
+    def holds(self, turn: Turn) -> bool:
+        return (self.since is None or turn.at >= self.since) and (
+            self.until is None or turn.at < self.until
+        )
+
+
+def transcript(
+    turns: Sequence[Turn], *, system: str = "", window: Window = Window(), redact: bool = False
+) -> list[dict[str, str]] | None:
+    """Render a conversation as chat messages; None when it holds no answered message.
+
+    The messages start with a user turn and end with an answer. Group members are named
+    as the model saw them ("Ada: hi"); with `redact`, names become "User 1", "User 2"...
+    in order of appearance, everywhere in the text, and mentions become "@user".
+    """
+    kept = [t for t in turns if window.holds(t)]
+    while kept and kept[0].role is not Role.USER:
+        kept.pop(0)
+    while kept and kept[-1].role is not Role.ASSISTANT:
+        kept.pop()
+    if not kept:
+        return None
+    aliases: dict[str, str] = {}
+    if redact:
+        for name in dict.fromkeys(t.name for t in kept if t.name):
+            alias = f"User {len(set(aliases.values())) + 1}"
+            # Each part of a name too ("Ada" of "Ada Lovelace"): better too much than a leak.
+            for part in [name, *(p for p in name.split() if len(p) >= 3)]:
+                aliases.setdefault(part, alias)
+    messages = [{"role": Role.SYSTEM.value, "content": system}] if system else []
+    for turn in kept:
+        content = (
+            f"{turn.name}: {turn.content}" if turn.role is Role.USER and turn.name else turn.content
+        )
+        if redact:
+            content = _redacted(content, aliases)
+        messages.append({"role": turn.role.value, "content": content})
+    return messages
+
+
+def _redacted(text: str, aliases: dict[str, str]) -> str:
+    text = _MENTION.sub("@user", text)
+    for name in sorted(aliases, key=len, reverse=True):  # "Ada Lovelace" before "Ada"
+        text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", aliases[name], text)
+    return text
