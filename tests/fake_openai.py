@@ -71,6 +71,7 @@ class FakeOpenAI:
     requests: list[Recorded] = field(default_factory=list)
     tokenizer_info: dict[str, Any] | None = None  # None: no /tokenizer_info page (404)
     can_tokenize: bool = True  # False: no /tokenize page (404), like non-vLLM servers
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters listed on /v1/models
     port: int = 0
     _server: asyncio.Server | None = None
     _served: int = 0
@@ -116,7 +117,8 @@ class FakeOpenAI:
         self.requests.append(Recorded(method, path, headers, body))
         if path.endswith("/models"):
             card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
-            await self._send_json(writer, 200, {"object": "list", "data": [card]})
+            loras = [{"id": a, "object": "model", "parent": self.model} for a in self.adapters]
+            await self._send_json(writer, 200, {"object": "list", "data": [card, *loras]})
             return True
         if path == "/tokenize" and not self.can_tokenize:
             await self._send_json(writer, 404, {"detail": "Not Found"})

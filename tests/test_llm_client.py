@@ -10,7 +10,7 @@ from openai import AsyncOpenAI
 
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Role, Usage
-from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.ports import AdapterUnknown, ModelInterrupted, ModelRejected, ModelUnavailable
 from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, ServerError, parse_event, timeouts
 from tests.conftest import free_port
 from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status
@@ -161,3 +161,17 @@ async def test_special_tokens_come_from_the_tokenizer_info_page_once() -> None:
 async def test_a_server_without_tokenizer_info_has_no_listed_special_tokens() -> None:
     async with FakeOpenAI() as server:
         assert await model_for(server.base_url).special_tokens() == []
+
+
+async def test_adapters_are_listed_and_asked_for_by_name() -> None:
+    async with FakeOpenAI([Reply("Ahoy.")], adapters=["support-3f2a9c1b"]) as server:
+        model = model_for(server.base_url)
+        assert await model.adapters() == ["support-3f2a9c1b"]
+        await drain(model.stream(PROMPT, session="s", adapter="support-3f2a9c1b"))
+    assert server.completions()[0].body["model"] == "support-3f2a9c1b"
+
+
+async def test_an_adapter_the_server_does_not_serve_is_reported_as_such() -> None:
+    async with FakeOpenAI([Status(404, "The model `gone-1` does not exist.")]) as server:
+        with pytest.raises(AdapterUnknown, match="gone-1"):
+            await drain(model_for(server.base_url).stream(PROMPT, session="s", adapter="gone-1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bots.settings import BotSettings, SettingsError, env_names, load_settings
-from inference.serve import engine_launch
+from inference.serve import discover_adapters, engine_launch
 from inference.settings import InferenceSettings
 from tests.conftest import ROOT
 
@@ -105,3 +106,26 @@ def test_env_example_values_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setenv(name, value)
     load_settings(BotSettings)
     load_settings(InferenceSettings)
+
+
+def test_adapters_are_served_under_names_that_change_with_their_weights(tmp_path: Path) -> None:
+    def adapter(name: str, weights: bytes, rank: int) -> None:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+
+    adapter("support", b"first weights", 8)
+    adapter("sales", b"other weights", 12)
+    (tmp_path / "not-an-adapter").mkdir()
+    settings = InferenceSettings(lora_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    argv = engine_launch(settings, "m", "cpu").argv
+    first = [a.name for a in discover_adapters(tmp_path)]
+    assert [name.rsplit("-", 1)[0] for name in first] == ["sales", "support"]
+    modules = argv[argv.index("--lora-modules") + 1 : argv.index("--max-lora-rank")]
+    assert modules == [f"{name}={tmp_path / name.rsplit('-', 1)[0]}" for name in first]
+    assert argv[argv.index("--max-lora-rank") + 1] == "16", "12 rounds up to a rank vLLM takes"
+    assert "--enable-lora" in argv and argv[argv.index("--max-loras") + 1] == "2"
+    adapter("support", b"retrained weights", 8)
+    second = [a.name for a in discover_adapters(tmp_path)]
+    assert second[0] == first[0] and second[1] != first[1], "new weights, new name"

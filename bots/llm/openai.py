@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Usage
-from bots.core.ports import ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.ports import AdapterUnknown, ModelInterrupted, ModelRejected, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,10 @@ class OpenAIChatModel:
                 log.info("model server not ready (%s); retrying in %.2fs", error, backoff)
                 await asyncio.sleep(backoff)
                 backoff *= 2
+            except openai.NotFoundError as error:
+                if adapter is not None:
+                    raise AdapterUnknown(f"the server does not serve {adapter}: {error}") from error
+                raise _mapped(error) from error
             except openai.OpenAIError as error:
                 raise _mapped(error) from error
 
