@@ -98,7 +98,7 @@ async def test_a_private_chat_is_answered_in_html_with_typing_first(bot: Bot) ->
 
 
 async def test_commands_are_registered(bot: Bot) -> None:
-    names = ["start", "reset", "retry", "usage", "persona", "help"]
+    names = ["start", "reset", "retry", "usage", "persona", "adapter", "collect", "help"]
     assert [c["command"] for c in bot.fake.commands] == names
 
 

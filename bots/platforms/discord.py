@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import discord
 import yarl
@@ -293,6 +294,17 @@ class ParleyDiscord(discord.Client):
             await chat.command(interaction, "/persona clear")
 
         self.tree.add_command(persona)
+
+        @self.tree.command(name="adapter", description="Show or choose the fine-tuned model")
+        @app_commands.describe(name="an adapter's name, or off for the base model")
+        async def adapter(interaction: discord.Interaction, name: str = "") -> None:
+            await chat.command(interaction, f"/adapter {name}")
+
+        @self.tree.command(name="collect", description="May this conversation train Parley?")
+        async def collect(
+            interaction: discord.Interaction, choice: Literal["on", "off"] | None = None
+        ) -> None:
+            await chat.command(interaction, f"/collect {choice or ''}")
 
         @self.tree.command(name="help", description="How to talk to Parley")
         async def help_(interaction: discord.Interaction) -> None:

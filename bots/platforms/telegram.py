@@ -36,6 +36,8 @@ COMMANDS = [
     BotCommand("retry", "Answer my last message again"),
     BotCommand("usage", "My tokens today"),
     BotCommand("persona", "Show or set (admins) who the bot is here"),
+    BotCommand("adapter", "Show or choose (admins) the fine-tuned model here"),
+    BotCommand("collect", "Show or set (admins) whether this chat may train the bot"),
     BotCommand("help", "How to talk to Parley"),
 ]
 GROUP_ADMINS = (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
