@@ -52,6 +52,7 @@ bench: setup model
 	$(PY) -m bench.engine_batching
 	$(PY) -m bench.prefix_cache
 	$(PY) -m bench.rate_limits
+	$(PY) -m bench.finetune
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -14,6 +15,14 @@ from redis.asyncio import Redis
 from bots.runtime import local_inference
 from bots.store.embedded import EmbeddedRedis
 from bots.store.redis import RedisContextStore
+from tests.finetune_data import (
+    HELD_OUT_QUESTION,
+    MODEL,
+    SHORT_LENGTH,
+    chat_lines,
+    support_conversations,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +83,23 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
         base_url, log_path, env={**os.environ, **settings}, ready_within=600
     ):
         yield base_url
+
+
+@pytest.fixture(scope="session")
+def support_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic support chats that all end with the same sign-off, as JSONL."""
+    conversations = support_conversations(48)
+    assert all(HELD_OUT_QUESTION not in json.dumps(chat) for chat in conversations)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "support.jsonl", chat_lines(conversations))
+
+
+@pytest.fixture(scope="session")
+def support_adapter(support_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train a LoRA adapter on the support chats once (about 30-60 s); tests share it."""
+    from inference.__main__ import main  # torch and peft load only for tests that train
+
+    out = tmp_path_factory.mktemp("adapter")
+    options = ["--epochs", "3", "--max-length", str(SHORT_LENGTH), "--learning-rate", "1e-3"]
+    args = ["finetune", "--data", str(support_data), "--base", str(MODEL), "--out", str(out)]
+    assert main([*args, *options]) == 0
+    return out
