@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -65,23 +66,32 @@ ENGINE_API_KEY = "test-engine-key"
 ENGINE_MAX_MODEL_LEN = 2048
 
 
-@pytest.fixture(scope="session")
-async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """Start `python -m inference serve` with the bundled model, once; yield its base URL."""
+@asynccontextmanager
+async def running_engine(log_dir: Path, **settings: str) -> AsyncIterator[str]:
+    """Run `python -m inference serve` with the bundled model; yield its base URL."""
     port = free_port()
-    settings = {
+    env = {
         "DATA_DIR": str(ROOT / "data"),
         "INFERENCE_PORT": str(port),
-        "INFERENCE_API_KEY": ENGINE_API_KEY,
-        "INFERENCE_MAX_MODEL_LEN": str(ENGINE_MAX_MODEL_LEN),
         "INFERENCE_KV_CACHE_GIB": "1",
         "INFERENCE_MAX_NUM_SEQS": "16",
+        **settings,
     }
     base_url = f"http://127.0.0.1:{port}/v1"
-    log_path = tmp_path_factory.mktemp("engine") / "inference.log"
     async with local_inference(
-        base_url, log_path, env={**os.environ, **settings}, ready_within=600
+        base_url, log_dir / "inference.log", env={**os.environ, **env}, ready_within=600
     ):
+        yield base_url
+
+
+@pytest.fixture(scope="session")
+async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """The engine the end-to-end tests share, started once (about a minute)."""
+    async with running_engine(
+        tmp_path_factory.mktemp("engine"),
+        INFERENCE_API_KEY=ENGINE_API_KEY,
+        INFERENCE_MAX_MODEL_LEN=str(ENGINE_MAX_MODEL_LEN),
+    ) as base_url:
         yield base_url
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,9 +12,8 @@ from openai import AsyncOpenAI
 from bots.core.models import ConversationKey, Incoming
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
-from bots.runtime import local_inference
 from bots.store.redis import RedisContextStore
-from tests.conftest import ROOT, free_port
+from tests.conftest import running_engine
 from tests.fakes import collect, text_of
 from tests.finetune_data import HELD_OUT_QUESTION, SIGN_OFF
 
@@ -31,20 +29,12 @@ async def lora_engine(
     shutil.copytree(
         support_adapter, adapters / "support", ignore=shutil.ignore_patterns("checkpoints")
     )
-    port = free_port()
-    settings = {
-        "DATA_DIR": str(ROOT / "data"),
-        "INFERENCE_PORT": str(port),
-        "INFERENCE_MAX_MODEL_LEN": "1024",
-        "INFERENCE_KV_CACHE_GIB": "1",
-        "INFERENCE_MAX_NUM_SEQS": "8",
-        "INFERENCE_LORA_DIR": str(adapters),
-    }
-    base_url = f"http://127.0.0.1:{port}/v1"
-    log_path = tmp_path_factory.mktemp("lora-engine") / "inference.log"
-    async with local_inference(
-        base_url, log_path, env={**os.environ, **settings}, ready_within=600
-    ):
+    async with running_engine(
+        tmp_path_factory.mktemp("lora-engine"),
+        INFERENCE_MAX_MODEL_LEN="1024",
+        INFERENCE_MAX_NUM_SEQS="8",
+        INFERENCE_LORA_DIR=str(adapters),
+    ) as base_url:
         yield base_url
 
 
