@@ -62,18 +62,8 @@ async def stub_model_server(text: str | None = None) -> AsyncIterator[str]:
         await process.wait()
 
 
-class PacedModel:
-    """A stub chat model streaming `tokens` five-character tokens at a fixed rate.
-
-    With `echo`, the reply starts with the user's message, so each reply is recognisable.
-    It remembers when it yielded its last token.
-    """
-
-    def __init__(self, tokens_per_second: float = 50, *, echo: bool = False) -> None:
-        self.tokens_per_second = tokens_per_second
-        self.echo = echo
-        self.tokens = 0
-        self.last_token_at = 0.0
+class StubModel:
+    """What every stub chat model shares: an 8k context, counted by bytes, no adapters."""
 
     async def context_window(self) -> int:
         return 8192
@@ -86,6 +76,20 @@ class PacedModel:
 
     async def adapters(self) -> list[str]:
         return []
+
+
+class PacedModel(StubModel):
+    """A stub chat model streaming `tokens` five-character tokens at a fixed rate.
+
+    With `echo`, the reply starts with the user's message, so each reply is recognisable.
+    It remembers when it yielded its last token.
+    """
+
+    def __init__(self, tokens_per_second: float = 50, *, echo: bool = False) -> None:
+        self.tokens_per_second = tokens_per_second
+        self.echo = echo
+        self.tokens = 0
+        self.last_token_at = 0.0
 
     def expected(self, message: str) -> str:
         words = "".join(f"w{index % 1000:03d} " for index in range(self.tokens))

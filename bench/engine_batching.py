@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -21,9 +20,8 @@ from typing import Any
 import httpx
 
 from bench.common import ROOT, machine
-from bots.runtime import local_inference
 from inference.prepare import prepare_default_model
-from tests.conftest import free_port
+from tests.conftest import running_engine
 
 OUTPUT_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
@@ -66,20 +64,15 @@ async def chat(client: httpx.AsyncClient, url: str, question: str) -> tuple[floa
 
 
 async def vllm_rows() -> list[tuple[str, int, float, float]]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(ROOT / "data"),
-        "INFERENCE_PORT": str(port),
-        "INFERENCE_MAX_MODEL_LEN": "2048",
-        "INFERENCE_KV_CACHE_GIB": "2",
-        "INFERENCE_MAX_NUM_SEQS": "64",
-    }
-    base = f"http://127.0.0.1:{port}/v1"
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         async with (
-            local_inference(base, Path(folder) / "inference.log", env=env, ready_within=900),
+            running_engine(
+                Path(folder),
+                INFERENCE_MAX_MODEL_LEN="2048",
+                INFERENCE_KV_CACHE_GIB="2",
+                INFERENCE_MAX_NUM_SEQS="64",
+            ) as base,
             httpx.AsyncClient(timeout=600) as client,
         ):
             url = base + "/chat/completions"

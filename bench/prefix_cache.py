@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -27,14 +26,14 @@ from pathlib import Path
 import httpx
 from openai import AsyncOpenAI
 
-from bench.common import ROOT, machine, percentile
+from bench.common import machine, percentile
 from bots.core.models import Author, ConversationKey, Incoming, Notice
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
-from bots.runtime import connect_redis, local_inference
+from bots.runtime import connect_redis
 from bots.store.embedded import EmbeddedRedis
 from bots.store.redis import RedisContextStore
-from tests.conftest import free_port
+from tests.conftest import free_port, running_engine
 
 CONVERSATIONS = 10
 TURNS = 30
@@ -123,19 +122,11 @@ async def run_policy(
 
 @asynccontextmanager
 async def engine(context: int, block_size: int | None) -> AsyncIterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(ROOT / "data"),
-        "INFERENCE_PORT": str(port),
-        "INFERENCE_MAX_MODEL_LEN": str(context),
-        "INFERENCE_KV_CACHE_GIB": "2",
-    }
+    settings = {"INFERENCE_MAX_MODEL_LEN": str(context), "INFERENCE_KV_CACHE_GIB": "2"}
     if block_size:
-        env["INFERENCE_BLOCK_SIZE"] = str(block_size)
-    base = f"http://127.0.0.1:{port}/v1"
+        settings["INFERENCE_BLOCK_SIZE"] = str(block_size)
     with tempfile.TemporaryDirectory() as folder:
-        async with local_inference(base, Path(folder) / "inference.log", env=env, ready_within=900):
+        async with running_engine(Path(folder), **settings) as base:
             yield base
 
 

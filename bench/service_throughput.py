@@ -19,8 +19,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.common import machine
-from bots.core.context import bound_tokens
+from bench.common import StubModel, machine
 from bots.core.models import Chunk, ConversationKey, Incoming, PromptMessage, Usage
 from bots.core.service import ConversationService
 from bots.store.embedded import EmbeddedRedis
@@ -30,20 +29,8 @@ from tests.conftest import free_port
 REPLY = [f"word{i} " for i in range(20)]
 
 
-class InstantModel:
+class InstantModel(StubModel):
     """A model that answers at once, so only Parley's own work is timed."""
-
-    async def context_window(self) -> int:
-        return 8192
-
-    async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
-        return bound_tokens(prompt)
-
-    async def special_tokens(self) -> list[str]:
-        return []
-
-    async def adapters(self) -> list[str]:
-        return []
 
     async def stream(
         self, prompt: Sequence[PromptMessage], *, session: str, adapter: str | None = None
