@@ -247,7 +247,7 @@ async def test_special_token_spellings_reach_the_model_as_plain_text() -> None:
     assert store.turns[KEY][0].content == attack, "history keeps the text as written"
 
 
-async def test_an_edit_finds_the_message_in_its_author_s_own_conversation() -> None:
+async def test_edits_and_deletes_find_the_message_in_its_author_s_own_conversation() -> None:
     service, store, _ = make(per_user_in_groups=True)
     await say(service, "typo hre", in_group=True, message_id="m1")
     edited = Incoming(KEY, "typo here", author=ADA, in_group=True, message_id="m1")
@@ -255,6 +255,8 @@ async def test_an_edit_finds_the_message_in_its_author_s_own_conversation() -> N
     ada = ConversationKey("test", "room", user="1")
     assert store.turns[ada][0].content == "typo here"
     assert not await service.edit(Incoming(KEY, "x", author=BOB, in_group=True, message_id="m1"))
+    assert await service.forget(Incoming(KEY, "", author=ADA, in_group=True, message_id="m1"))
+    assert [t.role for t in store.turns[ada]] == [Role.ASSISTANT], "the message is gone"
 
 
 async def test_a_persona_may_span_lines() -> None:

@@ -156,10 +156,13 @@ class ConversationService:
         async with self._line.hold(key):
             return await self._store.edit(key, edited.message_id, sanitize(edited.text))
 
-    async def forget(self, key: ConversationKey, message_id: str) -> bool:
-        """Remove a deleted user message from the context; False if it is not there."""
+    async def forget(self, deleted: Incoming) -> bool:
+        """Remove a deleted message (by its `message_id`) from the context; False if none."""
+        if deleted.message_id is None:
+            return False
+        key = self.conversation_of(deleted)
         async with self._line.hold(key):
-            return await self._store.remove(key, message_id)
+            return await self._store.remove(key, deleted.message_id)
 
     async def history(self, key: ConversationKey) -> list[Turn]:
         """Return a conversation's stored turns, oldest first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -177,12 +178,8 @@ class DiscordChat:
             return
         member = message.author if isinstance(message.author, discord.Member) else None
         permissions = message.channel.permissions_for(member) if member else None
-        incoming = Incoming(
-            self.key_of(message),
-            self.text_of(message, me),
-            author=Author(str(message.author.id), message.author.display_name),
-            in_group=message.guild is not None,
-            message_id=str(message.id),
+        incoming = dataclasses.replace(
+            self.as_incoming(message, self.text_of(message, me)),
             is_admin=self.is_admin(message.author, permissions),
         )
         await self._deliver(incoming, message.channel, reply_to=message)
@@ -240,20 +237,26 @@ class DiscordChat:
         if isinstance(channel, discord.abc.Messageable):
             await self._deliver(self.incoming_of(interaction, "/retry"), channel)
 
-    async def on_edit(self, message: discord.Message) -> None:
-        edited = Incoming(
+    def as_incoming(self, message: discord.Message, text: str) -> Incoming:
+        return Incoming(
             self.key_of(message),
-            message.clean_content,
+            text,
             author=Author(str(message.author.id), message.author.display_name),
             in_group=message.guild is not None,
             message_id=str(message.id),
         )
-        await self._service.edit(edited)
 
-    async def on_delete(
-        self, channel: object, guild: int | None, channel_id: int, message_id: int
-    ) -> None:
-        await self._service.forget(conversation_of(channel, guild, channel_id), str(message_id))
+    async def on_edit(self, message: discord.Message) -> None:
+        await self._service.edit(self.as_incoming(message, message.clean_content))
+
+    async def on_delete(self, payload: discord.RawMessageDeleteEvent, channel: object) -> None:
+        """Forget a deleted message; its author (for per-member conversations) if cached."""
+        if payload.cached_message is not None:
+            deleted = self.as_incoming(payload.cached_message, "")
+        else:
+            key = conversation_of(channel, payload.guild_id, payload.channel_id)
+            deleted = Incoming(key, "", message_id=str(payload.message_id))
+        await self._service.forget(deleted)
 
 
 class ParleyDiscord(discord.Client):
@@ -325,8 +328,7 @@ class ParleyDiscord(discord.Client):
             await self.chat.on_edit(payload.message)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        channel = self.get_channel(payload.channel_id)
-        await self.chat.on_delete(channel, payload.guild_id, payload.channel_id, payload.message_id)
+        await self.chat.on_delete(payload, self.get_channel(payload.channel_id))
 
 
 def use_endpoints(settings: DiscordSettings) -> None:
