@@ -80,11 +80,15 @@ class ContextFitter:
         self._count = count
         self._target = target
 
-    async def fits(self, messages: Sequence[PromptMessage], budget: int) -> bool:
-        """Tell whether a prompt fits, counting exactly only when the bound cannot say."""
+    async def overflow(self, messages: Sequence[PromptMessage], budget: int) -> int | None:
+        """Return a prompt's exact token count if it exceeds `budget`, else None.
+
+        Counts only when the byte bound cannot tell that the prompt fits.
+        """
         if bound_tokens(messages) <= budget - TEMPLATE_SLACK_TOKENS:
-            return True
-        return await self._count(messages) <= budget
+            return None
+        tokens = await self._count(messages)
+        return tokens if tokens > budget else None
 
     async def fit(
         self,
@@ -101,18 +105,20 @@ class ContextFitter:
         `clean` is applied to every text the model will read (see `text.neutralize`).
         """
         head = [PromptMessage(Role.SYSTEM, clean(system))] if system else []
-        if head and not await self.fits(head, budget // 2):  # a persona past reason
-            head = [await self._shorten([], head[0], budget // 2)]
+        if head and (tokens := await self.overflow(head, budget // 2)) is not None:
+            head = [await self._shorten([], head[0], budget // 2, tokens)]  # a persona past reason
         current = render(new, clean)
-        shortened = not await self.fits([*head, current], budget)
-        if shortened:
-            current = await self._shorten(head, current, budget)
+        tokens = await self.overflow([*head, current], budget)
+        if tokens is not None:
+            current = await self._shorten(head, current, budget, tokens)
+        shortened = tokens is not None
         start = window_start or 0
         window = _from_user_turn([t for t in history if (t.seq or 0) >= start])
         rendered = [render(turn, clean) for turn in window]
-        if await self.fits([*head, *rendered, current], budget):
+        tokens = await self.overflow([*head, *rendered, current], budget)
+        if tokens is None:
             return Fitted([*head, *rendered, current], None, shortened)
-        drop = await self._trim(head, window, rendered, current, budget)
+        drop = await self._trim(head, window, rendered, current, budget, tokens)
         if drop < len(window):
             new_start = window[drop].seq or 0
         else:  # nothing kept: the window starts with the new turn
@@ -126,16 +132,16 @@ class ContextFitter:
         rendered: list[PromptMessage],
         current: PromptMessage,
         budget: int,
+        tokens: int,
     ) -> int:
         """Choose how many of the oldest turns to drop: down to `target` of the budget.
 
-        One exact count of the whole prompt sets the scale of the per-message byte bounds,
-        which choose the cut; a recount confirms it (more turns go only if it fails).
-        The kept history starts with a user turn.
+        The whole prompt's exact count (`tokens`) sets the scale of the per-message byte
+        bounds, which choose the cut; a recount confirms it (more turns go only if it
+        fails). The kept history starts with a user turn.
         """
-        messages = [*head, *rendered, current]
-        total: float = await self._count(messages)
-        scale = total / bound_tokens(messages)
+        total: float = tokens
+        scale = total / bound_tokens([*head, *rendered, current])
         goal = self._target * budget
         drop = 0
         while drop < len(window) and total > goal:
@@ -150,17 +156,16 @@ class ContextFitter:
             drop += 1
 
     async def _shorten(
-        self, head: list[PromptMessage], message: PromptMessage, budget: int
+        self, head: list[PromptMessage], message: PromptMessage, budget: int, tokens: int
     ) -> PromptMessage:
-        """Cut a message that cannot fit even alone, to fit with the system prompt."""
-        text = message.content
-        keep = len(text)
+        """Cut a message that cannot fit even alone (`tokens` with the system prompt)."""
+        keep = len(message.content)
         for _ in range(SHORTEN_ROUNDS):
+            keep = int(keep * budget / tokens * 0.95)
+            text = message.content[:keep] + SHORTENED_SUFFIX
             tokens = await self._count([*head, PromptMessage(message.role, text)])
             if tokens <= budget:
                 return PromptMessage(message.role, text)
-            keep = int(keep * budget / tokens * 0.95)
-            text = message.content[:keep] + SHORTENED_SUFFIX
         # Still over: fall back to the byte bound, which holds whatever the tokenizer.
         room = budget - bound_tokens(head) - 2 * MESSAGE_OVERHEAD_TOKENS - TEMPLATE_SLACK_TOKENS
         cut = message.content.encode("utf-8")[: max(room - len(SHORTENED_SUFFIX), 0)]
