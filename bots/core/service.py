@@ -284,19 +284,16 @@ class ConversationService:
         if not name:
             current = (await self._store.state(channel)).adapter
             answering = f"the adapter {current}" if current else "the base model"
-            return f"I answer here with {answering}. {await self._served_adapters()}"
+            return f"I answer here with {answering}. {_served(await self._model.adapters())}"
         if incoming.in_group and not incoming.is_admin:
             return "Only admins can choose the adapter in a group."
         if name == "off":
             await self._store.set_option(channel, "adapter", None)
             return "I answer here with the base model again."
-        if name not in await self._model.adapters():
-            return f"No adapter is served as {name}. {await self._served_adapters()}"
+        if name not in (served := await self._model.adapters()):
+            return f"No adapter is served as {name}. {_served(served)}"
         await self._store.set_option(channel, "adapter", name)
         return f"I answer here with the adapter {name} from the next message."
-
-    async def _served_adapters(self) -> str:
-        return f"Served adapters: {', '.join(await self._model.adapters()) or 'none'}."
 
     async def _collect(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
         channel, choice = key.channel_key, args.strip().lower()
@@ -434,6 +431,10 @@ class ConversationService:
 def _user_of(incoming: Incoming) -> str | None:
     """Name the sender for limits and budgets: ids are only unique within a platform."""
     return f"{incoming.key.platform}:{incoming.author.id}" if incoming.author else None
+
+
+def _served(adapters: list[str]) -> str:
+    return f"Served adapters: {', '.join(adapters) or 'none'}."
 
 
 def _last_user_turn(history: Sequence[Turn]) -> int | None:
