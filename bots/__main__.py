@@ -27,11 +27,10 @@ from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.platforms.console import ConsoleChat, read_stdin_line
 from bots.platforms.discord import DiscordSetupError, run_discord
 from bots.platforms.telegram import TelegramSetupError, run_telegram
-from bots.runtime import EngineStartError, local_inference, open_redis
+from bots.runtime import EngineStartError, context_store, local_inference, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
 from bots.store.limits import RedisLimiter
-from bots.store.redis import RedisContextStore
 from inference.settings import InferenceSettings
 
 log = logging.getLogger("bots")
@@ -65,12 +64,7 @@ async def conversation_service(settings: BotSettings) -> AsyncIterator[Conversat
                 max_retries=0,
             )
         )
-        store = RedisContextStore(
-            redis,
-            prefix=settings.redis.key_prefix,
-            max_turns=settings.redis.context_max_turns,
-            ttl_seconds=settings.redis.context_ttl_seconds,
-        )
+        store = context_store(redis, settings.redis)
         model = OpenAIChatModel(
             client,
             model=model_name,

@@ -19,10 +19,9 @@ from typing import TextIO
 
 from bots.core.ports import ContextStore, StoreUnavailable
 from bots.core.transcripts import Window, transcript
-from bots.runtime import open_redis
+from bots.runtime import context_store, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
-from bots.store.redis import RedisContextStore
 
 
 @dataclass(frozen=True)
@@ -79,12 +78,7 @@ def day(text: str) -> float:
 
 async def run_export(settings: BotSettings, selection: Selection, out: TextIO) -> int:
     async with open_redis(settings.redis, settings.data_dir) as redis:
-        store = RedisContextStore(
-            redis,
-            prefix=settings.redis.key_prefix,
-            max_turns=settings.redis.context_max_turns,
-            ttl_seconds=settings.redis.context_ttl_seconds,
-        )
+        store = context_store(redis, settings.redis)
         return await export(
             store,
             out,

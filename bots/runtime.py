@@ -16,6 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from bots.children import stop_child
 from bots.settings import RedisSettings
 from bots.store.embedded import EmbeddedRedis
+from bots.store.redis import RedisContextStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[R
         await client.aclose()
         if embedded is not None:
             await embedded.stop()
+
+
+def context_store(redis: Redis, settings: RedisSettings) -> RedisContextStore:
+    """The conversation store on `redis`, as the REDIS_* settings configure it."""
+    return RedisContextStore(
+        redis,
+        prefix=settings.key_prefix,
+        max_turns=settings.context_max_turns,
+        ttl_seconds=settings.context_ttl_seconds,
+    )
 
 
 def connect_redis(url: str, *, max_connections: int = 256) -> Redis:

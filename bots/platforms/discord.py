@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -178,8 +177,9 @@ class DiscordChat:
             return
         member = message.author if isinstance(message.author, discord.Member) else None
         permissions = message.channel.permissions_for(member) if member else None
-        incoming = dataclasses.replace(
-            self.as_incoming(message, self.text_of(message, me)),
+        incoming = self.as_incoming(
+            message,
+            self.text_of(message, me),
             is_admin=self.is_admin(message.author, permissions),
         )
         await self._deliver(incoming, message.channel, reply_to=message)
@@ -237,13 +237,16 @@ class DiscordChat:
         if isinstance(channel, discord.abc.Messageable):
             await self._deliver(self.incoming_of(interaction, "/retry"), channel)
 
-    def as_incoming(self, message: discord.Message, text: str) -> Incoming:
+    def as_incoming(
+        self, message: discord.Message, text: str, *, is_admin: bool = False
+    ) -> Incoming:
         return Incoming(
             self.key_of(message),
             text,
             author=Author(str(message.author.id), message.author.display_name),
             in_group=message.guild is not None,
             message_id=str(message.id),
+            is_admin=is_admin,
         )
 
     async def on_edit(self, message: discord.Message) -> None:
