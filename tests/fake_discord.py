@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.loopback import serve
+
 # Snowflake-sized ids: discord.py's mention parsing expects 15 to 20 digits.
 SNOWFLAKE = 10**17
 BOT_ID = SNOWFLAKE + 900
@@ -89,11 +91,7 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from tests.loopback import serve
+
 TOKEN = "123456:TEST-token-for-the-fake-api"
 BOT = {"id": 777, "is_bot": True, "first_name": "Parley", "username": "parley_bot"}
 NOT_MODIFIED = (
@@ -136,10 +138,7 @@ class FakeTelegram:
     async def __aenter__(self) -> FakeTelegram:
         app = web.Application()
         app.router.add_post("/bot{token}/{method}", self._method)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve(app, self.port)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
