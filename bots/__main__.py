@@ -1,6 +1,7 @@
-"""Composition root: `python -m bots [run|console|discord|telegram|export]`.
+"""Composition root: `python -m bots [run|console|discord|telegram|http|export|keys]`.
 
-`run` starts every platform bot whose token is set, or the console chat when none is.
+`run` starts every platform bot whose token is set (and the HTTP channel when
+HTTP_ENABLED is true), or the console chat when none is.
 With no LLM_BASE_URL it first starts the local inference service; with no REDIS_URL it
 runs an embedded Redis. Every client is opened with `async with` and closed on exit.
 """
@@ -17,15 +18,19 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 from openai import AsyncOpenAI
+from redis.asyncio import Redis
 
-from bots import export
+from bots import export, keys
 from bots.core.models import Author, ConversationKey
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.platforms.console import ConsoleChat, read_stdin_line
 from bots.platforms.discord import DiscordSetupError, run_discord
+from bots.platforms.http import HttpSetupError, run_http
+from bots.platforms.http.keys import ApiKeys
 from bots.platforms.telegram import TelegramSetupError, run_telegram
 from bots.runtime import EngineStartError, context_store, local_inference, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
@@ -38,8 +43,17 @@ log = logging.getLogger("bots")
 Runner = Callable[[BotSettings], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """What the platforms share: the conversation service and the Redis behind it."""
+
+    service: ConversationService
+    redis: Redis
+    limiter: RedisLimiter
+
+
 @asynccontextmanager
-async def conversation_service(settings: BotSettings) -> AsyncIterator[ConversationService]:
+async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
     """Open Redis and the model server (local ones where none is configured) and wire the core."""
     async with AsyncExitStack() as stack:
         llm = settings.llm
@@ -84,7 +98,8 @@ async def conversation_service(settings: BotSettings) -> AsyncIterator[Conversat
             conversation_window=limits.conversation_window,
             daily_tokens=limits.daily_tokens,
         )
-        yield ConversationService(store, model, limiter=limiter, policy=chat_policy(settings))
+        service = ConversationService(store, model, limiter=limiter, policy=chat_policy(settings))
+        yield Backend(service, redis, limiter)
 
 
 def chat_policy(settings: BotSettings) -> ChatPolicy:
@@ -105,10 +120,10 @@ async def run_console(settings: BotSettings) -> None:
     # Undecodable bytes typed or piped in become U+FFFD instead of stopping the chat.
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(errors="replace")
-    async with conversation_service(settings) as service:
+    async with open_backend(settings) as backend:
         user = getpass.getuser()
         chat = ConsoleChat(
-            service,
+            backend.service,
             ConversationKey("console", settings.console.conversation),
             author=Author(user, user),
             read_line=lambda: read_stdin_line("you> " if sys.stdin.isatty() else ""),
@@ -128,7 +143,7 @@ async def until_stopped(runner: Runner, settings: BotSettings) -> None:
         log.info("stopped by SIGTERM")
 
 
-PLATFORMS = ("discord", "telegram")
+PLATFORMS = ("discord", "telegram", "http")
 MISSING_TOKEN = {
     "discord": "DISCORD_TOKEN is not set: create a bot in the Discord developer portal",
     "telegram": "TELEGRAM_TOKEN is not set: get one from @BotFather",
@@ -136,20 +151,27 @@ MISSING_TOKEN = {
 
 
 def configured_platforms(settings: BotSettings) -> list[str]:
-    """The platforms whose tokens are set."""
-    tokens = {"discord": settings.discord.token, "telegram": settings.telegram.token}
-    return [name for name in PLATFORMS if tokens[name] is not None]
+    """The platforms whose tokens are set, and the HTTP channel when enabled."""
+    configured = {
+        "discord": settings.discord.token is not None,
+        "telegram": settings.telegram.token is not None,
+        "http": settings.http.enabled,
+    }
+    return [name for name in PLATFORMS if configured[name]]
 
 
 async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
     """Run these platform bots side by side, sharing one conversation service."""
     for name in platforms:
-        if name not in configured_platforms(settings):
+        if name in MISSING_TOKEN and name not in configured_platforms(settings):
             raise SettingsError(MISSING_TOKEN[name])
-    async with conversation_service(settings) as service:
+    async with open_backend(settings) as backend:
+        service = backend.service
+        api_keys = ApiKeys(backend.redis, prefix=settings.redis.key_prefix)
         starters = {
             "discord": lambda: run_discord(service, settings.discord),
             "telegram": lambda: run_telegram(service, settings.telegram),
+            "http": lambda: run_http(service, settings.http, api_keys, backend.limiter.admit_quota),
         }
         bots = [asyncio.create_task(starters[name]()) for name in platforms]
         try:
@@ -186,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export.main(argv[1:])
+    if argv[:1] == ["keys"]:
+        return keys.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
     parser.add_argument(
-        "command", nargs="?", default="run", choices=["run", "console", *PLATFORMS, "export"],
+        "command", nargs="?", default="run",
+        choices=["run", "console", *PLATFORMS, "export", "keys"],
         help="run (default): the bots whose tokens are set, else the console; "
-        "export: opted-in conversations as JSONL (see export --help)",
+        "http: the HTTP API and web chat; export: opted-in conversations as JSONL "
+        "(see export --help); keys: the HTTP channel's API keys (see keys --help)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:
@@ -203,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "console": run_console,
         "discord": functools.partial(run_bots, platforms=["discord"]),
         "telegram": functools.partial(run_bots, platforms=["telegram"]),
+        "http": functools.partial(run_bots, platforms=["http"]),
     }
     is_console = args.command == "console" or (
         args.command == "run" and not configured_platforms(settings)
@@ -216,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         EmbeddedRedisError,
         DiscordSetupError,
         TelegramSetupError,
+        HttpSetupError,
     ) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1

@@ -133,6 +133,48 @@ class TelegramSettings(BaseModel):
     show_reasoning: bool = False
 
 
+def parse_words(value: object) -> object:
+    """Read "a, b c" (as an environment variable gives it) into a tuple of words."""
+    if isinstance(value, str):
+        return tuple(value.replace(",", " ").split())
+    return value
+
+
+Words = Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_words)]
+
+
+class HttpSettings(BaseModel):
+    """The HTTP channel: an API for integrations and the embeddable web chat."""
+
+    enabled: bool = Field(
+        default=False, description="`python -m bots run` serves the HTTP channel too."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on; 0.0.0.0: all.")
+    port: int = Field(default=8080, ge=1, le=65535)
+    cors_origins: Words = Field(
+        default=(), description="Web origins whose pages may call the API, e.g. the widget's."
+    )
+    max_body_bytes: int = Field(default=65_536, ge=1_024, description="Largest request body.")
+    key_messages: int = Field(
+        default=600, ge=0, description="Messages per API key per window, unless the key says."
+    )
+    key_window: float = Field(default=60.0, gt=0, description="Seconds.")
+    reply_keep_seconds: float = Field(
+        default=120.0, ge=0, description="A finished reply can be streamed again this long."
+    )
+    shutdown_seconds: float = Field(
+        default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
+    )
+    webhook_url: str | None = Field(
+        default=None, description="Each finished reply is POSTed here, signed; unset: none."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key of the webhook's signature."
+    )
+    webhook_attempts: int = Field(default=6, ge=1, le=20)
+    widget_title: str = Field(default="Chat with us", min_length=1, max_length=80)
+
+
 class ConsoleSettings(BaseModel):
     conversation: str = Field(default="local", min_length=1)
 
@@ -155,6 +197,7 @@ class BotSettings(BaseSettings):
     chat: ChatSettings = ChatSettings()
     limits: LimitsSettings = LimitsSettings()
     console: ConsoleSettings = ConsoleSettings()
+    http: HttpSettings = HttpSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
 

@@ -115,6 +115,7 @@ class Notice:
 
     kind: NoticeKind
     text: str
+    retry_after: float | None = None  # for limits: seconds until the user may try again
 
 
 ReplyPart = str | Notice

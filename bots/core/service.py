@@ -61,9 +61,9 @@ _NOTICES = {
 }
 
 
-def notice(kind: NoticeKind, text: str | None = None) -> Notice:
+def notice(kind: NoticeKind, text: str | None = None, retry_after: float | None = None) -> Notice:
     """Build the user-facing notice of a kind, with its standard text unless one is given."""
-    return Notice(kind, text if text is not None else _NOTICES[kind])
+    return Notice(kind, text if text is not None else _NOTICES[kind], retry_after)
 
 
 def wait_text(seconds: float) -> str:
@@ -80,12 +80,12 @@ def limited_notice(admission: Admission) -> Notice:
     wait = wait_text(admission.retry_after)
     if admission.reason == "budget":
         text = f"You've used today's tokens; the count starts again in {wait} (midnight UTC)."
-        return notice(NoticeKind.BUDGET_SPENT, text)
+        return notice(NoticeKind.BUDGET_SPENT, text, admission.retry_after)
     if admission.reason == "conversation":
         text = f"This conversation is getting more messages than I can answer; try in {wait}."
     else:
         text = f"You're sending messages faster than I can answer; try again in {wait}."
-    return notice(NoticeKind.RATE_LIMITED, text)
+    return notice(NoticeKind.RATE_LIMITED, text, admission.retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +167,11 @@ class ConversationService:
     async def history(self, key: ConversationKey) -> list[Turn]:
         """Return a conversation's stored turns, oldest first."""
         return await self._store.load(key)
+
+    async def reset(self, key: ConversationKey) -> None:
+        """Forget a conversation's turns (its persona stays), after the replies in line."""
+        async with self._line.hold(key):
+            await self._store.clear(key)
 
     def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         """Stream the answer to a message or command: text, and notices from Parley.

@@ -105,6 +105,23 @@ class RedisLimiter:
             raise StoreUnavailable(str(error)) from error
         return ADMITTED
 
+    async def admit_quota(self, name: str, messages: int, window: float) -> Admission:
+        """Count one request against a named quota of `messages` per `window` seconds.
+
+        Integrations' API keys use this, with the same script (and so the same clock and
+        cluster-slot rules) as the users' and conversations' limits.
+        """
+        if messages <= 0:
+            return ADMITTED
+        keys = [f"{self._prefix}:limit:quota:{_tag(name)}"]
+        try:
+            refused = await self._check(
+                keys, (messages, round(window * 1000)), os.urandom(8).hex(), "quota"
+            )
+        except RedisError as error:
+            raise StoreUnavailable(str(error)) from error
+        return refused or ADMITTED
+
     async def _check(
         self, keys: list[str], limit: tuple[int, int], member: str, reason: str
     ) -> Admission | None:

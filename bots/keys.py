@@ -1,0 +1,66 @@
+"""`python -m bots keys`: create, list and revoke the HTTP channel's API keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+
+from bots.core.ports import StoreUnavailable
+from bots.platforms.http.keys import ApiKeys
+from bots.runtime import open_redis
+from bots.settings import BotSettings, SettingsError, load_settings
+
+
+async def run(settings: BotSettings, args: argparse.Namespace) -> int:
+    async with open_redis(settings.redis, settings.data_dir) as redis:
+        keys = ApiKeys(redis, prefix=settings.redis.key_prefix)
+        if args.action == "create":
+            key, integration = await keys.create(
+                args.integration, messages=args.messages, window=args.window
+            )
+            print(key)
+            print(
+                f"created key {integration.key_id} for {integration.name}; it is shown once, "
+                "store it now",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            for found in await keys.list():
+                created = datetime.datetime.fromtimestamp(found.created, datetime.UTC)
+                quota = (
+                    f"{found.messages}/{found.window or 'default'}s"
+                    if found.messages
+                    else "default"
+                )
+                when = f"{created:%Y-%m-%d %H:%M} UTC"
+                print(f"{found.key_id}  {found.name}  created {when}  quota {quota}")
+        else:
+            revoked = await keys.revoke(args.which)
+            print(f"revoked {revoked} key(s)", file=sys.stderr)
+            return 0 if revoked else 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bots keys", description="API keys of the HTTP channel's integrations."
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key for an integration; prints it once")
+    create.add_argument("integration", help="name: lowercase letters, digits, - and _")
+    create.add_argument(
+        "--messages", type=int, help="messages per window (default HTTP_KEY_MESSAGES)"
+    )
+    create.add_argument("--window", type=float, help="window seconds (default HTTP_KEY_WINDOW)")
+    actions.add_parser("list", help="list keys: id, integration, creation, quota")
+    revoke = actions.add_parser("revoke", help="revoke one key (by id) or an integration's keys")
+    revoke.add_argument("which", help="a key id from `list`, or an integration name")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(BotSettings)
+        return asyncio.run(run(settings, args))
+    except (SettingsError, ValueError, StoreUnavailable) as error:
+        print(f"parley: {error}", file=sys.stderr)
+        return 2

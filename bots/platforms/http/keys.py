@@ -1,0 +1,113 @@
+"""API keys of the integrations using the HTTP channel, kept in Redis as hashes only.
+
+A key is 32 random bytes; Redis holds its SHA-256 (a fast hash is enough for a random
+secret of that size) beside the integration it belongs to. Conversations are scoped to
+the integration, so a new key for the same integration (rotation) keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bots.core.ports import StoreUnavailable
+
+KEY_PREFIX = "pk_"
+INTEGRATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+T = TypeVar("T")
+CACHE_S = 30.0  # a revoked key stops working within this long on every replica
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    """Who an API key belongs to, and its own message quota (None: the default)."""
+
+    name: str
+    key_id: str  # the first characters of the key's hash: safe to log and to show
+    created: float
+    messages: int | None = None
+    window: float | None = None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKeys:
+    """The integrations' keys in one Redis hash: field = the key's SHA-256, value = JSON."""
+
+    def __init__(self, client: Redis, *, prefix: str, cache_seconds: float = CACHE_S) -> None:
+        self._client = client
+        self._hash = f"{prefix}:http:keys"
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Integration]] = {}
+
+    async def create(
+        self, name: str, *, messages: int | None = None, window: float | None = None
+    ) -> tuple[str, Integration]:
+        """Make a key for an integration; the key itself is returned once and never stored."""
+        if not INTEGRATION_NAME.match(name):
+            raise ValueError(
+                "an integration name is 1-64 lowercase letters, digits, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        key = new_key()
+        digest = hash_key(key)
+        integration = Integration(name, digest[:12], time.time(), messages, window)
+        await _redis(self._client.hset(self._hash, digest, json.dumps(asdict(integration))))
+        return key, integration
+
+    async def find(self, key: str) -> Integration | None:
+        """The integration a key belongs to, or None for an unknown or revoked key."""
+        if not key.startswith(KEY_PREFIX) or len(key) > 128:
+            return None
+        digest = hash_key(key)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        raw = await _redis(self._client.hget(self._hash, digest))
+        if raw is None:
+            self._cache.pop(digest, None)
+            return None
+        integration = Integration(**json.loads(raw))
+        self._cache[digest] = (now + self._cache_seconds, integration)
+        return integration
+
+    async def list(self) -> list[Integration]:
+        raw = await _redis(self._client.hvals(self._hash))
+        found = [Integration(**json.loads(value)) for value in raw]
+        return sorted(found, key=lambda integration: (integration.name, integration.created))
+
+    async def revoke(self, which: str) -> int:
+        """Revoke the keys with this key id, or every key of the integration of this name."""
+        entries = await _redis(self._client.hgetall(self._hash))
+        doomed = [
+            digest
+            for digest, raw in entries.items()
+            if which in (json.loads(raw)["name"], json.loads(raw)["key_id"])
+        ]
+        if doomed:
+            await _redis(self._client.hdel(self._hash, *doomed))
+            self._cache.clear()
+        return len(doomed)
+
+
+async def _redis(command: Awaitable[T]) -> T:
+    try:
+        return await command
+    except RedisError as error:
+        raise StoreUnavailable(str(error)) from error

@@ -1,0 +1,167 @@
+"""Replies that outlive their HTTP connection: generated once, streamed to any reader.
+
+A reply runs as a task of its own, detached from the request that asked for it. Its
+events are kept in order, so a client whose connection dropped can reconnect and read
+on from the last event it saw (`Last-Event-ID`), and the exchange is recorded whole
+whether or not anyone is still listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind
+from bots.core.service import ConversationService
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TEXT = "The server is restarting, so this reply was not finished; send it again."
+FAILED_TEXT = "Something went wrong while answering; send your message again."
+_ERROR_KIND = NoticeKind.REPLY_INTERRUPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str  # "reply", "delta", "notice" or "done"
+    data: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    """One reply's events so far; `done` once its last event is in."""
+
+    id: str
+    key: ConversationKey
+    message: str
+    events: list[Event] = field(default_factory=list)
+    done: bool = False
+    text: str = ""
+    notices: list[Notice] = field(default_factory=list)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append(Event(kind, data))
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def follow(self, after: int = -1, *, idle: float = 15.0) -> AsyncIterator[int | None]:
+        """Yield the index of each event after `after` as it arrives; None after `idle`
+        seconds without one (time for a keep-alive)."""
+        index = after + 1
+        while True:
+            while index < len(self.events):
+                yield index
+                index += 1
+            if self.done:
+                return
+            wake = self._wake
+            try:
+                await asyncio.wait_for(wake.wait(), idle)
+            except TimeoutError:
+                yield None
+
+
+OnFinished = Callable[[Reply], Awaitable[None]]
+
+
+class ReplyHub:
+    """Start replies as tasks, find them by id, and end them all on shutdown.
+
+    Args:
+        service: the conversation service that answers.
+        keep_seconds: a finished reply stays readable this long.
+        on_finished: called with each finished reply that has text (e.g. the webhook).
+    """
+
+    def __init__(
+        self,
+        service: ConversationService,
+        *,
+        keep_seconds: float = 120.0,
+        on_finished: OnFinished | None = None,
+    ) -> None:
+        self._service = service
+        self._keep_seconds = keep_seconds
+        self._on_finished = on_finished
+        self._replies: dict[str, Reply] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def start(self, incoming: Incoming) -> Reply:
+        """Begin answering; the reply's first event names it."""
+        reply = Reply(uuid.uuid4().hex, incoming.key, incoming.text)
+        reply.add("reply", {"reply_id": reply.id})
+        self._replies[reply.id] = reply
+        task = asyncio.create_task(self._run(reply, incoming), name=f"reply-{reply.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return reply
+
+    def find(self, reply_id: str, key: ConversationKey) -> Reply | None:
+        """The reply of this id in this conversation, while it is kept."""
+        reply = self._replies.get(reply_id)
+        return reply if reply is not None and reply.key == key else None
+
+    async def _run(self, reply: Reply, incoming: Incoming) -> None:
+        pieces: list[str] = []
+        try:
+            async with aclosing(self._service.respond(incoming)) as parts:
+                async for part in parts:
+                    if isinstance(part, Notice):
+                        reply.notices.append(part)
+                        reply.add("notice", notice_data(part))
+                    else:
+                        pieces.append(part)
+                        reply.add("delta", {"text": part})
+        except asyncio.CancelledError:
+            self._finish(reply, pieces, extra=SHUTDOWN_TEXT)
+            raise
+        except Exception:
+            log.exception("reply failed", extra={"conversation": str(reply.key)})
+            self._finish(reply, pieces, extra=FAILED_TEXT)
+            return
+        self._finish(reply, pieces)
+        if self._on_finished is not None and reply.text:
+            await self._on_finished(reply)
+
+    def _finish(self, reply: Reply, pieces: list[str], *, extra: str | None = None) -> None:
+        if extra is not None:
+            reply.notices.append(Notice(_ERROR_KIND, extra))
+            reply.add("notice", {"kind": _ERROR_KIND.value, "text": extra})
+        reply.text = "".join(pieces)
+        reply.done = True
+        reply.add("done", done_data(reply))
+        asyncio.get_running_loop().call_later(self._keep_seconds, self._replies.pop, reply.id, None)
+
+    async def close(self, grace: float) -> None:
+        """Let replies in progress finish for `grace` seconds, then end the rest."""
+        if self._tasks:
+            log.info("waiting for %d replies", len(self._tasks))
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+
+def notice_data(notice: Notice) -> dict[str, Any]:
+    data: dict[str, Any] = {"kind": notice.kind.value, "text": notice.text}
+    if notice.retry_after is not None:
+        data["retry_after"] = round(notice.retry_after, 3)
+    return data
+
+
+def done_data(reply: Reply) -> dict[str, Any]:
+    return {
+        "reply_id": reply.id,
+        "text": reply.text,
+        "notices": [notice_data(notice) for notice in reply.notices],
+    }
