@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -52,13 +53,13 @@ Quota = Callable[[str, int, float], Awaitable[Admission]]
 class UserIn(BaseModel):
     """The end user behind a message, as the integration knows them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str = Field(min_length=1, max_length=128, description="Stable id; limits count per id.")
     name: str | None = Field(default=None, max_length=64)
 
 
 class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str = Field(
         min_length=1, description="The user's message, or a command such as /help or /retry."
     )
@@ -108,6 +109,17 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+SSE_EVENT = {
+    "type": "object",
+    "description": "One Server-Sent Event; `data` is a JSON object as the description says.",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["reply", "delta", "notice", "done"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+EVENT_STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 SSE_DOC = (
     "Events, each with an `id:`: `reply` {reply_id}, then `delta` {text} as the reply "
     "grows, `notice` {kind, text, retry_after?} from Parley, and last `done` {reply_id, "
@@ -237,7 +249,7 @@ def create_app(
         responses={
             200: {
                 "description": "The reply: an event stream, or one JSON object (stream=false).",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": EVENT_STREAM,
             },
             429: {"model": ErrorOut, "description": "A rate limit; see Retry-After."},
             **ERRORS,
@@ -275,7 +287,7 @@ def create_app(
         responses={
             200: {
                 "description": "The reply's events (as the message's stream).",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": EVENT_STREAM,
             },
             404: {"model": ErrorOut, "description": "No such reply kept here; read history."},
             **ERRORS,
@@ -288,12 +300,15 @@ def create_app(
         conversation_id: ConversationId,
         reply_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
         integration: Caller,
-        last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,9}$")] = None,
+        last_event_id: Annotated[
+            str | None, Header(description="The last event seen; the stream goes on after it.")
+        ] = None,
     ) -> Response:
         reply = hub.find(reply_id, conversation(integration, conversation_id))
         if reply is None:
             raise ApiError(404, "not_found", "No such reply is kept; read the history instead.")
-        after = int(last_event_id) if last_event_id is not None else -1
+        seen = last_event_id or ""
+        after = int(seen) if seen.isdigit() and len(seen) < 10 else -1  # else: from the start
         return event_stream(reply, after)
 
     @app.get(
@@ -380,11 +395,13 @@ def add_error_handlers(app: FastAPI) -> None:
         )
         return error_response(422, "invalid_request", where)
 
-    async def http_error(_: Request, error: Exception) -> Response:
+    async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         code = codes.get(error.status_code, "error")
-        headers = dict(error.headers) if error.headers else None
+        headers = dict(error.headers) if error.headers else {}
+        if error.status_code == 405:  # name every method of the path, not one route's
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(error.status_code, code, str(error.detail), headers)
 
     async def store_down(_: Request, __: Exception) -> Response:
@@ -395,6 +412,18 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(StoreUnavailable, store_down)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    return sorted(
+        {
+            method
+            for route in request.app.router.routes
+            if isinstance(route, APIRoute) and route.path_regex.match(path)
+            for method in route.methods
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- widget
