@@ -52,8 +52,9 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def test_a_finished_reply_is_pushed_signed(
     redis_url: str, key_prefix: str, receiver: Receiver
 ) -> None:
-    settings = {"webhook_url": receiver.url, "webhook_secret": SECRET.decode()}
-    async with http_channel(redis_url, key_prefix, Answers(), **settings) as channel:
+    async with http_channel(
+        redis_url, key_prefix, Answers(), webhook_url=receiver.url, webhook_secret=SECRET.decode()
+    ) as channel:
         key = await channel.key("helpdesk")
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as api:
             answer = await api.post(
