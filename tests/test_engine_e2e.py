@@ -20,6 +20,9 @@ from redis.asyncio import Redis
 from bots.core.models import ConversationKey, Role, Turn
 from bots.store.redis import RedisContextStore
 from tests.conftest import ENGINE_API_KEY as API_KEY
+from tests.conftest import free_port
+from tests.http_channel import read_events, reply_text
+from tests.test_http_process import bots, http_process
 
 pytestmark = pytest.mark.engine
 
@@ -92,3 +95,34 @@ async def test_a_message_larger_than_the_context_still_gets_an_answer(
     assert "unavailable" not in screen and "refused" not in screen
     reply = screen.split("parley> ", 1)[1]
     assert reply.split("]", 1)[1].strip(), "a real answer follows the notice"
+
+
+async def test_the_http_channel_streams_the_engines_reply(
+    engine: str, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LLM_BASE_URL": engine,
+        "LLM_API_KEY": API_KEY,
+        "LLM_REPLY_TOKENS": "48",
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "DATA_DIR": str(tmp_path / "data"),
+        "HTTP_PORT": str(port),
+    }
+    code, key, err = await bots(env, "keys", "create", "e2e")
+    assert code == 0, err
+    headers = {"Authorization": f"Bearer {key.strip()}"}
+    async with (
+        http_process(env),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as api,
+    ):
+        question = {"text": "What is the capital of France?"}
+        async with api.stream("POST", "/v1/conversations/e2e/messages", json=question) as r:
+            got = await read_events(r)
+        assert got[0].kind == "reply" and got[-1].kind == "done"
+        assert sum(e.kind == "delta" for e in got) > 1, "the reply streamed in pieces"
+        assert "Paris" in reply_text(got) == got[-1].data["text"]
+        history = (await api.get("/v1/conversations/e2e/messages")).json()["messages"]
+        assert [m["content"] for m in history] == [question["text"], reply_text(got)]

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -32,6 +34,23 @@ async def bots(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@asynccontextmanager
+async def http_process(env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run `python -m bots http` until it has announced its address; kill it if still up."""
+    server = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "bots", "http"], env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert server.stderr is not None
+        banner = await asyncio.wait_for(server.stderr.readline(), 60)
+        assert b"HTTP channel on http://127.0.0.1:" in banner, banner
+        yield server
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+
 async def test_sigterm_lets_the_streamed_reply_finish(
     redis_url: str, key_prefix: str, store: RedisContextStore, tmp_path: Path
 ) -> None:
@@ -51,17 +70,12 @@ async def test_sigterm_lets_the_streamed_reply_finish(
         code, listed, _ = await bots(env, "keys", "list")
         assert code == 0 and " acme " in listed and key not in listed
 
-        server = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "bots", "http"],
-            env=env,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert server.stderr is not None
-        banner = await asyncio.wait_for(server.stderr.readline(), 30)
-        assert b"HTTP channel on http://127.0.0.1:" in banner
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}
-        ) as api:
+        async with (
+            http_process(env) as server,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}
+            ) as api,
+        ):
             async with api.stream(
                 "POST", "/v1/conversations/c1/messages", json={"text": "tell me a story"}
             ) as response:

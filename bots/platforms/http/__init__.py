@@ -35,8 +35,12 @@ class _Server(uvicorn.Server):
         yield
 
 
+BACKLOG = 2048
+
+
 def listen(host: str, port: int) -> socket.socket:
-    """Bind the listening socket first, so a taken port is a clear error, not an exit."""
+    """Open the listening socket first: a taken port is a clear error, not an exit, and
+    connections queue from the moment the address is announced."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,7 +49,7 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise HttpSetupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    sock.set_inheritable(True)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -95,6 +99,7 @@ async def run_http(
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=math.ceil(settings.shutdown_seconds) + 5,
+            backlog=BACKLOG,
         )
         server = _Server(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
