@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.parley-$(ENGINE)
 MODEL_STAMP := data/models/SmolLM2-135M-Instruct/.parley-complete
 
-.PHONY: run setup model test lint format clean bench
+.PHONY: run setup model browser test lint format clean bench
 
 run: setup model
 	$(PY) -m bots run
@@ -32,7 +32,15 @@ model: $(MODEL_STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(PY) -m inference prepare
 
-test: setup model lint
+# The web chat's tests drive Debian's Chromium through its ChromeDriver.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "Installing Debian's chromium and chromium-driver for the browser tests"; \
+		$(APT_INSTALL) install -y -qq chromium chromium-driver >/dev/null || { \
+			$(APT_INSTALL) update -qq && $(APT_INSTALL) install -y -qq chromium chromium-driver; }; }
+
+test: setup model browser lint
 	$(PY) -m pytest
 
 lint: setup
