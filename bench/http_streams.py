@@ -30,15 +30,10 @@ import aiohttp
 
 from bench.common import ROOT, StubModel, machine, percentile
 from bots.core.models import Chunk, PromptMessage, Usage
-from bots.core.service import ChatPolicy, ConversationService
-from bots.platforms.http import run_http
-from bots.platforms.http.keys import ApiKeys
-from bots.runtime import connect_redis
-from bots.settings import HttpSettings
+from bots.core.service import ChatPolicy
 from bots.store.embedded import EmbeddedRedis
-from bots.store.limits import RedisLimiter
-from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
+from tests.http_channel import http_channel
 
 TOKENS = 40
 TOKEN_GAP = 0.5  # seconds between tokens after the first: each reply is open ~20 s
@@ -60,26 +55,19 @@ class HeldModel(StubModel):
 
 async def serve(redis_url: str, port: int, key_file: Path) -> None:
     """The server process: the HTTP channel over the held model, on 127.0.0.1:port."""
-    redis = connect_redis(redis_url, max_connections=256)
-    prefix = "bench-http"
-    store = RedisContextStore(redis, prefix=prefix, max_turns=40, ttl_seconds=3600)
-    limiter = RedisLimiter(
-        redis,
-        prefix=prefix,
+    async with http_channel(
+        redis_url,
+        "bench-http",
+        HeldModel(),
         user_messages=20,
-        user_window=60,
         conversation_messages=60,
-        conversation_window=60,
-        daily_tokens=0,
-    )
-    service = ConversationService(
-        store, HeldModel(), limiter=limiter, policy=ChatPolicy(max_in_flight=10_000)
-    )
-    keys = ApiKeys(redis, prefix=prefix)
-    key, _ = await keys.create("bench")
-    key_file.write_text(key)
-    settings = HttpSettings(port=port, key_messages=1_000_000, reply_keep_seconds=5)
-    await run_http(service, settings, keys, limiter.admit_quota)
+        policy=ChatPolicy(max_in_flight=10_000),
+        port=port,
+        key_messages=1_000_000,
+        reply_keep_seconds=5,
+    ) as channel:
+        await asyncio.to_thread(key_file.write_text, await channel.key("bench"))
+        await channel.task
 
 
 @dataclass
@@ -162,11 +150,12 @@ async def main(streams: int, rate: float) -> None:
                 *[sys.executable, "-m", "bench.http_streams", "--serve", str(port)],
                 *["--redis", redis_url, "--key-file", str(key_file)],
                 cwd=ROOT,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
             )
-            assert server.stderr is not None
-            banner = await asyncio.wait_for(server.stderr.readline(), 60)
-            assert b"HTTP channel on" in banner, banner
+            for _ in range(600):
+                if key_file.exists() or server.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
             try:
                 url = f"http://127.0.0.1:{port}"
                 unloaded, load = await drive(url, key_file.read_text(), streams, rate)

@@ -41,6 +41,7 @@ async def http_channel(
     model: ChatModel,
     *,
     user_messages: int = 1000,
+    conversation_messages: int = 0,
     policy: ChatPolicy | None = None,
     **settings: Any,
 ) -> AsyncIterator[Channel]:
@@ -52,13 +53,13 @@ async def http_channel(
         prefix=prefix,
         user_messages=user_messages,
         user_window=60,
-        conversation_messages=0,
+        conversation_messages=conversation_messages,
         conversation_window=60,
         daily_tokens=0,
     )
     service = ConversationService(store, model, limiter=limiter, policy=policy or ChatPolicy())
     keys = ApiKeys(redis, prefix=prefix)
-    http = HttpSettings(port=free_port(), **settings)
+    http = HttpSettings(**{"port": free_port(), **settings})
     task = asyncio.create_task(run_http(service, http, keys, limiter.admit_quota))
     url = f"http://127.0.0.1:{http.port}"
     try:

@@ -138,6 +138,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def streamed(
+    description: str, errors: dict[int | str, dict[str, Any]]
+) -> dict[int | str, dict[str, Any]]:
+    """The responses of an operation that answers with an event stream."""
+    return {200: {"description": description, "content": EVENT_STREAM}, **errors, **ERRORS}
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -246,14 +253,10 @@ def create_app(
         "/v1/conversations/{conversation_id}/messages",
         summary="Send a message; stream the reply",
         response_model=ReplyOut,
-        responses={
-            200: {
-                "description": "The reply: an event stream, or one JSON object (stream=false).",
-                "content": EVENT_STREAM,
-            },
-            429: {"model": ErrorOut, "description": "A rate limit; see Retry-After."},
-            **ERRORS,
-        },
+        responses=streamed(
+            "The reply: an event stream, or one JSON object (stream=false).",
+            {429: {"model": ErrorOut, "description": "A rate limit; see Retry-After."}},
+        ),
         description=SSE_DOC,
     )
     async def send_message(
@@ -284,14 +287,10 @@ def create_app(
     @app.get(
         "/v1/conversations/{conversation_id}/replies/{reply_id}",
         summary="Read a reply's events again, from after Last-Event-ID",
-        responses={
-            200: {
-                "description": "The reply's events (as the message's stream).",
-                "content": EVENT_STREAM,
-            },
-            404: {"model": ErrorOut, "description": "No such reply kept here; read history."},
-            **ERRORS,
-        },
+        responses=streamed(
+            "The reply's events (as the message's stream).",
+            {404: {"model": ErrorOut, "description": "No such reply kept here; read history."}},
+        ),
         response_class=Response,
         description="A reply is kept for HTTP_REPLY_KEEP_SECONDS after it ends, on the "
         "server that answered it. " + SSE_DOC,
