@@ -462,6 +462,10 @@ def add_widget_routes(app: FastAPI, settings: HttpSettings) -> None:
     async def home() -> Response:
         return RedirectResponse("/chat")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # browsers ask; "no icon" beats a 404 in their console
+        return Response(status_code=204, headers={"Cache-Control": "public, max-age=86400"})
+
     @app.get("/robots.txt", include_in_schema=False)
     async def robots() -> Response:
         return PlainTextResponse("User-agent: *\nDisallow: /\n")
