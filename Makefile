@@ -60,6 +60,7 @@ bench: setup model
 	$(PY) -m bench.engine_batching
 	$(PY) -m bench.prefix_cache
 	$(PY) -m bench.rate_limits
+	$(PY) -m bench.http_streams
 	$(PY) -m bench.finetune
 
 clean:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ import aiohttp
 from bench.common import ROOT, StubModel, machine, percentile
 from bots.core.models import Chunk, PromptMessage, Usage
 from bots.core.service import ChatPolicy
+from bots.runtime import event_loop, tune_gc
 from bots.store.embedded import EmbeddedRedis
 from tests.conftest import free_port
 from tests.http_channel import http_channel
@@ -67,6 +69,7 @@ async def serve(redis_url: str, port: int, key_file: Path) -> None:
         reply_keep_seconds=5,
     ) as channel:
         await asyncio.to_thread(key_file.write_text, await channel.key("bench"))
+        tune_gc()  # as `python -m bots` does once set up
         await channel.task
 
 
@@ -95,14 +98,15 @@ async def one_stream(
             load.open_now += 1
             load.peak = max(load.peak, load.open_now)
             try:
-                seen_token = False
-                async for line in response.content:
-                    if not seen_token and line.startswith(b"event: delta"):
+                seen_token, tail = False, b""
+                async for chunk in response.content.iter_any():  # cheaper than line by line
+                    window, tail = tail + chunk, chunk[-16:]
+                    if not seen_token and b"event: delta" in window:
                         load.first_token.append(time.perf_counter() - started)
                         seen_token = True
                         if not hold:
                             break
-                    elif line.startswith(b"event: done"):
+                    if b"event: done" in window:
                         break
                 if not seen_token:
                     load.failed.append("no token")
@@ -117,9 +121,11 @@ async def drive(url: str, key: str, streams: int, rate: float) -> tuple[Load, Lo
     timeout = aiohttp.ClientTimeout(total=120)
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as s:
+        for index in range(10):  # connections, code paths and Redis scripts warm up
+            await one_stream(s, url, f"warm-{index}", Load(), hold=False)
         unloaded = Load()
         for index in range(UNLOADED):
-            await one_stream(s, url, f"warm-{index}", unloaded, hold=False)
+            await one_stream(s, url, f"alone-{index}", unloaded, hold=False)
         load = Load()
         tasks = []
         started = time.perf_counter()
@@ -142,7 +148,16 @@ def show(name: str, samples: list[float]) -> str:
     )
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 async def main(streams: int, rate: float) -> None:
+    gc.disable()  # the client is the measuring instrument: its own pauses are not Parley's
     with tempfile.TemporaryDirectory() as scratch:
         async with EmbeddedRedis(Path(scratch) / "redis", port=free_port()) as redis_url:
             port, key_file = free_port(), Path(scratch) / "key"
@@ -159,6 +174,7 @@ async def main(streams: int, rate: float) -> None:
             try:
                 url = f"http://127.0.0.1:{port}"
                 unloaded, load = await drive(url, key_file.read_text(), streams, rate)
+                peak_rss = peak_rss_mib(server.pid)
             finally:
                 server.terminate()
                 await server.wait()
@@ -167,6 +183,7 @@ async def main(streams: int, rate: float) -> None:
         f"{streams} streams opened at {rate:.0f}/s, each open ~{(TOKENS - 1) * TOKEN_GAP:.0f} s; "
         f"peak open at once: {load.peak}; failed: {len(load.failed)} {sorted(set(load.failed))}"
     )
+    print(f"server's peak memory (RSS): {peak_rss:.0f} MiB")
     print(f"unloaded (one stream at a time), failed: {unloaded.failed}")
     print("  " + show("time to first byte", unloaded.first_byte))
     print("  " + show("time to first token", unloaded.first_token))
@@ -183,7 +200,8 @@ if __name__ == "__main__":
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--key-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(serve(args.redis, args.serve, args.key_file))
+    if args.serve:  # the server process runs on the event loop `python -m bots` uses
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(serve(args.redis, args.serve, args.key_file))
     else:
         asyncio.run(main(args.streams, args.rate))

@@ -32,7 +32,14 @@ from bots.platforms.discord import DiscordSetupError, run_discord
 from bots.platforms.http import HttpSetupError, run_http
 from bots.platforms.http.keys import ApiKeys
 from bots.platforms.telegram import TelegramSetupError, run_telegram
-from bots.runtime import EngineStartError, context_store, local_inference, open_redis
+from bots.runtime import (
+    EngineStartError,
+    context_store,
+    event_loop,
+    local_inference,
+    open_redis,
+    tune_gc,
+)
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
 from bots.store.limits import RedisLimiter
@@ -173,6 +180,7 @@ async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
             "telegram": lambda: run_telegram(service, settings.telegram),
             "http": lambda: run_http(service, settings.http, api_keys, backend.limiter.admit_quota),
         }
+        tune_gc()
         bots = [asyncio.create_task(starters[name]()) for name in platforms]
         try:
             done, _ = await asyncio.wait(bots, return_when=asyncio.FIRST_EXCEPTION)
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     configure_logging(settings, to_file=is_console)
     try:
-        asyncio.run(until_stopped(runners[args.command], settings))
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(until_stopped(runners[args.command], settings))
     except (
         SettingsError,
         EngineStartError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -20,12 +21,39 @@ from bots.store.redis import RedisContextStore
 
 log = logging.getLogger(__name__)
 
+FULL_COLLECTION_EVERY = 100  # young collections; Python's default is 10
+
 REDIS_TIMEOUT_S = 2.0
 # A command waits this long for a free connection when all are busy: under overload the
 # event loop is slow to give connections back, and waiting beats failing the message.
 REDIS_POOL_WAIT_S = 10.0
 ENGINE_START_TIMEOUT_S = 900.0
 ENGINE_STOP_TIMEOUT_S = 30.0
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (it comes with the `http` extra), else
+    asyncio's: same behaviour, less overhead per callback and socket."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def tune_gc() -> None:
+    """Keep garbage-collector pauses short while many replies are open at once.
+
+    Call once the process is set up. What is alive then (modules, classes, clients) is
+    frozen out of every later collection, and full collections come ten times less often
+    than Python's default: with 1,000 replies streaming, a full collection stopped the
+    process for 160 ms before and 40 ms after, and came once per ramp instead of every few
+    seconds (`python -m bench.http_streams`).
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
 @asynccontextmanager

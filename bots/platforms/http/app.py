@@ -8,7 +8,6 @@ run on when the connection drops; `GET …/replies/{id}` with `Last-Event-ID` re
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations,
 # some of which are local to `create_app`, at run time.
 import html
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -367,9 +366,7 @@ def event_stream(reply: Reply, after: int = -1) -> StreamingResponse:
             if index is None:
                 yield b": keep-alive\n\n"
                 continue
-            event = reply.events[index]
-            data = json.dumps(event.data, ensure_ascii=False)
-            yield f"id: {index}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+            yield reply.events[index]
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Reply-Id": reply.id}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -9,6 +9,7 @@ whether or not anyone is still listening.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,27 +27,31 @@ FAILED_TEXT = "Something went wrong while answering; send your message again."
 _ERROR_KIND = NoticeKind.REPLY_INTERRUPTED
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    kind: str  # "reply", "delta", "notice" or "done"
-    data: dict[str, Any]
+def sse_frame(index: int, kind: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event: its number, its kind ("reply", "delta", "notice" or "done")
+    and its data as one line of JSON."""
+    return f"id: {index}\nevent: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 @dataclass
 class Reply:
-    """One reply's events so far; `done` once its last event is in."""
+    """One reply's events so far, as SSE frames; `done` once its last event is in.
+
+    Frames are kept as bytes: written once, sent to every reader, and invisible to the
+    garbage collector, whose pauses otherwise grow with the replies held open.
+    """
 
     id: str
     key: ConversationKey
     message: str
-    events: list[Event] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)
     done: bool = False
     text: str = ""
     notices: list[Notice] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
-        self.events.append(Event(kind, data))
+        self.events.append(sse_frame(len(self.events), kind, data))
         self._wake.set()
         self._wake = asyncio.Event()
 
