@@ -10,7 +10,9 @@ RATE per second, all open together at the peak, and times for each:
 - time to first token: to the first `delta` event, which the model produced at once,
   so all of it is Parley's overhead (HTTP, key, limits, Redis, SSE) plus the client's.
 
-Unloaded figures (one stream at a time) come from the same run, before the load.
+Unloaded figures (one stream at a time) come from the same run, before the load. Then
+the same again with the server on Python's defaults (asyncio's event loop, default GC
+settings), to show what the tuning in `bots.runtime` is worth.
 
     python -m bench.http_streams [--streams 1000] [--rate 100]
 """
@@ -55,7 +57,7 @@ class HeldModel(StubModel):
         yield Chunk(usage=Usage(len(prompt), TOKENS))
 
 
-async def serve(redis_url: str, port: int, key_file: Path) -> None:
+async def serve(redis_url: str, port: int, key_file: Path, *, tuned: bool) -> None:
     """The server process: the HTTP channel over the held model, on 127.0.0.1:port."""
     async with http_channel(
         redis_url,
@@ -69,7 +71,8 @@ async def serve(redis_url: str, port: int, key_file: Path) -> None:
         reply_keep_seconds=5,
     ) as channel:
         await asyncio.to_thread(key_file.write_text, await channel.key("bench"))
-        tune_gc()  # as `python -m bots` does once set up
+        if tuned:
+            tune_gc()  # as `python -m bots` does once set up
         await channel.task
 
 
@@ -156,14 +159,22 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def main(streams: int, rate: float) -> None:
-    gc.disable()  # the client is the measuring instrument: its own pauses are not Parley's
+@dataclass
+class Run:
+    unloaded: Load
+    load: Load
+    peak_rss: float
+
+
+async def run(streams: int, rate: float, *, tuned: bool) -> Run:
+    """Start a server process (tuned as `python -m bots` runs, or on Python's defaults)."""
     with tempfile.TemporaryDirectory() as scratch:
         async with EmbeddedRedis(Path(scratch) / "redis", port=free_port()) as redis_url:
             port, key_file = free_port(), Path(scratch) / "key"
             server = await asyncio.create_subprocess_exec(
                 *[sys.executable, "-m", "bench.http_streams", "--serve", str(port)],
                 *["--redis", redis_url, "--key-file", str(key_file)],
+                *([] if tuned else ["--defaults"]),
                 cwd=ROOT,
                 stderr=asyncio.subprocess.DEVNULL,
             )
@@ -174,22 +185,35 @@ async def main(streams: int, rate: float) -> None:
             try:
                 url = f"http://127.0.0.1:{port}"
                 unloaded, load = await drive(url, key_file.read_text(), streams, rate)
-                peak_rss = peak_rss_mib(server.pid)
+                return Run(unloaded, load, peak_rss_mib(server.pid))
             finally:
                 server.terminate()
                 await server.wait()
+
+
+async def main(streams: int, rate: float) -> None:
+    gc.disable()  # the client is the measuring instrument: its own pauses are not Parley's
     print(f"machine: {machine()}")
-    print(
-        f"{streams} streams opened at {rate:.0f}/s, each open ~{(TOKENS - 1) * TOKEN_GAP:.0f} s; "
-        f"peak open at once: {load.peak}; failed: {len(load.failed)} {sorted(set(load.failed))}"
-    )
-    print(f"server's peak memory (RSS): {peak_rss:.0f} MiB")
-    print(f"unloaded (one stream at a time), failed: {unloaded.failed}")
-    print("  " + show("time to first byte", unloaded.first_byte))
-    print("  " + show("time to first token", unloaded.first_token))
-    print(f"loaded ({streams} streams):")
-    print("  " + show("time to first byte", load.first_byte))
-    print("  " + show("time to first token", load.first_token))
+    print(f"{streams} streams opened at {rate:.0f}/s, each open ~{(TOKENS - 1) * TOKEN_GAP:.0f} s")
+    for tuned in (True, False):
+        result = await run(streams, rate, tuned=tuned)
+        load = result.load
+        print(
+            "as `python -m bots` runs (uvloop, start-up frozen out of the GC, rarer full "
+            "collections):"
+            if tuned
+            else "on Python's defaults (asyncio's loop and GC settings), for comparison:"
+        )
+        print(
+            f"  peak open at once: {load.peak}; failed: {len(load.failed)} "
+            f"{sorted(set(load.failed))}; server's peak memory (RSS): {result.peak_rss:.0f} MiB"
+        )
+        print("  one stream at a time:")
+        print("    " + show("time to first byte", result.unloaded.first_byte))
+        print("    " + show("time to first token", result.unloaded.first_token))
+        print(f"  {streams} streams:")
+        print("    " + show("time to first byte", load.first_byte))
+        print("    " + show("time to first token", load.first_token))
 
 
 if __name__ == "__main__":
@@ -199,9 +223,11 @@ if __name__ == "__main__":
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--key-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--defaults", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:  # the server process runs on the event loop `python -m bots` uses
-        with asyncio.Runner(loop_factory=event_loop) as runner:
-            runner.run(serve(args.redis, args.serve, args.key_file))
+    if args.serve:  # tuned, the server runs on the event loop `python -m bots` uses
+        loop = asyncio.new_event_loop if args.defaults else event_loop
+        with asyncio.Runner(loop_factory=loop) as runner:
+            runner.run(serve(args.redis, args.serve, args.key_file, tuned=not args.defaults))
     else:
         asyncio.run(main(args.streams, args.rate))
