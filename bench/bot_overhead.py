@@ -32,6 +32,7 @@ from bench.common import machine, percentile, stub_model_server
 from bots.__main__ import open_backend
 from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
+from bots.runtime import event_loop, tune_gc
 from bots.settings import BotSettings
 from bots.store.embedded import EmbeddedRedis
 from tests.conftest import free_port
@@ -69,6 +70,7 @@ async def measure(
     )
     async with open_backend(settings) as backend:
         service = backend.service
+        tune_gc()  # as `python -m bots` does once set up
         await conversation(service, -1, 3, 0)  # warm up connections
         runs = [conversation(service, i, messages, interval) for i in range(concurrency)]
         latencies = [value for run in await asyncio.gather(*runs) for value in run]
@@ -104,4 +106,5 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=20, help="messages per conversation")
     parser.add_argument("--interval", type=float, default=2.0, help="mean seconds between messages")
     options = parser.parse_args()
-    asyncio.run(main(options.messages, options.interval))
+    with asyncio.Runner(loop_factory=event_loop) as runner:  # the loop `python -m bots` uses
+        runner.run(main(options.messages, options.interval))
