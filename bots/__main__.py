@@ -27,6 +27,7 @@ from bots import export, keys
 from bots.core.models import Author, ConversationKey
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
+from bots.ops import JsonFormatter, Metrics, Probe, Redact, ops_server, secrets_of
 from bots.platforms.console import ConsoleChat, read_stdin_line
 from bots.platforms.discord import DiscordSetupError, run_discord
 from bots.platforms.http import HttpSetupError, run_http
@@ -36,6 +37,7 @@ from bots.runtime import (
     EngineStartError,
     context_store,
     event_loop,
+    is_healthy,
     local_inference,
     open_redis,
     tune_gc,
@@ -57,6 +59,18 @@ class Backend:
     service: ConversationService
     redis: Redis
     limiter: RedisLimiter
+    model_url: str  # the model server's OpenAI base URL
+
+    def probes(self) -> dict[str, Probe]:
+        """What /readyz checks: Redis answers PING, the model server its /health."""
+
+        async def redis() -> bool:
+            return bool(await self.redis.ping())
+
+        async def model() -> bool:
+            return await is_healthy(self.model_url)
+
+        return {"redis": redis, "model": model}
 
 
 @asynccontextmanager
@@ -105,8 +119,10 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
             conversation_window=limits.conversation_window,
             daily_tokens=limits.daily_tokens,
         )
-        service = ConversationService(store, model, limiter=limiter, policy=chat_policy(settings))
-        yield Backend(service, redis, limiter)
+        service = ConversationService(
+            store, model, limiter=limiter, policy=chat_policy(settings), observer=Metrics()
+        )
+        yield Backend(service, redis, limiter, base_url)
 
 
 def chat_policy(settings: BotSettings) -> ChatPolicy:
@@ -172,7 +188,10 @@ async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
     for name in platforms:
         if name in MISSING_TOKEN and name not in configured_platforms(settings):
             raise SettingsError(MISSING_TOKEN[name])
-    async with open_backend(settings) as backend:
+    async with (
+        open_backend(settings) as backend,
+        ops_server(settings.ops.host, settings.ops.port, backend.probes()),
+    ):
         service = backend.service
         api_keys = ApiKeys(backend.redis, prefix=settings.redis.key_prefix)
         starters = {
@@ -205,11 +224,15 @@ def configure_logging(settings: BotSettings, *, to_file: bool) -> None:
     log_file = settings.data_dir / "logs" / "bots.log"
     if to_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        filename=log_file if to_file else None,
+    handler: logging.Handler = (
+        logging.FileHandler(log_file, encoding="utf-8") if to_file else logging.StreamHandler()
     )
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Redact(secrets_of(settings)))  # whichever library writes the line
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
 
 def main(argv: list[str] | None = None) -> int:

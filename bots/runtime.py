@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel
 
 from bots.children import stop_child
 from bots.settings import RedisSettings
@@ -58,10 +59,14 @@ def tune_gc() -> None:
 
 @asynccontextmanager
 async def open_redis(settings: RedisSettings, data_dir: Path) -> AsyncIterator[Redis]:
-    """Connect to REDIS_URL, or to an embedded Redis persisting under `data_dir/redis`."""
-    embedded = None if settings.url else EmbeddedRedis(data_dir / "redis")
-    url = settings.url.get_secret_value() if settings.url else await embedded.start()  # type: ignore[union-attr]
-    client = connect_redis(url, max_connections=settings.max_connections)
+    """Connect to the master Sentinel names, to REDIS_URL, or to an embedded Redis
+    persisting under `data_dir/redis`."""
+    embedded = None if settings.url or settings.sentinels else EmbeddedRedis(data_dir / "redis")
+    if settings.sentinels:
+        client = connect_sentinel(settings)
+    else:
+        url = settings.url.get_secret_value() if settings.url else await embedded.start()  # type: ignore[union-attr]
+        client = connect_redis(url, max_connections=settings.max_connections)
     try:
         yield client
     finally:
@@ -95,6 +100,29 @@ def connect_redis(url: str, *, max_connections: int = 256) -> Redis:
         health_check_interval=30,
     )
     return Redis(connection_pool=pool)
+
+
+def connect_sentinel(settings: RedisSettings) -> Redis:
+    """A client of the master that REDIS_SENTINELS know as REDIS_SENTINEL_MASTER.
+
+    It asks the Sentinels where the master is, and asks again after a failover.
+    """
+    sentinels = []
+    for address in settings.sentinels:
+        host, _, port = address.rpartition(":")
+        sentinels.append((host.strip("[]"), int(port)))
+    sentinel = Sentinel(
+        sentinels, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+    )
+    password = settings.password.get_secret_value() if settings.password else None
+    return sentinel.master_for(
+        settings.sentinel_master,
+        password=password,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        max_connections=settings.max_connections,
+        health_check_interval=30,
+    )
 
 
 def health_url(base_url: str) -> str:

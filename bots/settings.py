@@ -16,6 +16,16 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def parse_words(value: object) -> object:
+    """Read "a, b c" (as an environment variable gives it) into a tuple of words."""
+    if isinstance(value, str):
+        return tuple(value.replace(",", " ").split())
+    return value
+
+
+Words = Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_words)]
+
+
 class RedisSettings(BaseModel):
     url: SecretStr | None = Field(
         default=None, description="redis:// or rediss:// URL; unset runs an embedded Redis."
@@ -24,6 +34,15 @@ class RedisSettings(BaseModel):
     context_max_turns: int = Field(default=200, ge=2)
     context_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
     max_connections: int = Field(default=256, ge=1, description="Connections per bot process.")
+    sentinels: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^\S+:\d{1,5}$")], ...],
+        NoDecode,
+        BeforeValidator(parse_words),
+    ] = Field(default=(), description="host:port of Redis Sentinels; then REDIS_URL is unused.")
+    sentinel_master: str = Field(default="mymaster", description="The master's name.")
+    password: SecretStr | None = Field(
+        default=None, description="Password of the Redis master found through Sentinel."
+    )
 
 
 class LLMSettings(BaseModel):
@@ -110,6 +129,15 @@ class DiscordSettings(BaseModel):
         "members with the Manage Channels permission.",
     )
     show_reasoning: bool = False
+    shard_count: int | None = Field(
+        default=None, ge=1, description="Total shards of the bot; unset: one connection."
+    )
+    shard_ids: str | None = Field(
+        default=None,
+        pattern=r"^(ordinal|\d+( *, *\d+)*)$",
+        description='This process\'s shards: "0,1", or "ordinal" for the number ending '
+        "HOSTNAME (a StatefulSet pod's ordinal).",
+    )
 
 
 class TelegramSettings(BaseModel):
@@ -131,16 +159,6 @@ class TelegramSettings(BaseModel):
     webhook_listen: str = "0.0.0.0"
     webhook_port: int = Field(default=8443, ge=1, le=65535)
     show_reasoning: bool = False
-
-
-def parse_words(value: object) -> object:
-    """Read "a, b c" (as an environment variable gives it) into a tuple of words."""
-    if isinstance(value, str):
-        return tuple(value.replace(",", " ").split())
-    return value
-
-
-Words = Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_words)]
 
 
 class HttpSettings(BaseModel):
@@ -175,6 +193,13 @@ class HttpSettings(BaseModel):
     widget_title: str = Field(default="Chat with us", min_length=1, max_length=80)
 
 
+class OpsSettings(BaseModel):
+    """Each bot process's endpoints for its operators: /healthz, /readyz, /metrics."""
+
+    host: str = Field(default="127.0.0.1", description="0.0.0.0 in a container.")
+    port: int = Field(default=9464, ge=0, le=65535, description="0: no endpoints.")
+
+
 class ConsoleSettings(BaseModel):
     conversation: str = Field(default="local", min_length=1)
 
@@ -192,12 +217,14 @@ class BotSettings(BaseSettings):
 
     data_dir: Path = Path("data")
     log_level: str = Field(default="WARNING", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: Literal["text", "json"] = "text"
     redis: RedisSettings = RedisSettings()
     llm: LLMSettings = LLMSettings()
     chat: ChatSettings = ChatSettings()
     limits: LimitsSettings = LimitsSettings()
     console: ConsoleSettings = ConsoleSettings()
     http: HttpSettings = HttpSettings()
+    ops: OpsSettings = OpsSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
 

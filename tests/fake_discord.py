@@ -70,6 +70,7 @@ class FakeDiscord:
     script_429: dict[str, list[float]] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)  # "METHOD /path" answered 403
     identified: asyncio.Event = field(default_factory=asyncio.Event)
+    shard: list[int] | None = None  # [id, count] the client identified with
     intents: int = 0
     port: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(SNOWFLAKE + 10_000))
@@ -248,6 +249,7 @@ class FakeDiscord:
                 await self._send({"op": 11})
             elif message["op"] == 2:
                 self.intents = message["d"]["intents"]
+                self.shard = message["d"].get("shard")
                 if self.reject_intents:
                     await socket.close(code=4014, message=b"Disallowed intent(s).")
                     break

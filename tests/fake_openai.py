@@ -115,6 +115,9 @@ class FakeOpenAI:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         body = json.loads(raw) if raw else None
         self.requests.append(Recorded(method, path, headers, body))
+        if path == "/health":  # vLLM's
+            await self._send_json(writer, 200, {})
+            return True
         if path.endswith("/models"):
             card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
             loras = [{"id": a, "object": "model", "parent": self.model} for a in self.adapters]

@@ -22,6 +22,7 @@ from bots.platforms.discord import (
     DiscordSetupError,
     intents,
     run_discord,
+    shard_of,
 )
 from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
@@ -320,6 +321,9 @@ async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) 
             "LLM_BASE_URL": model.base_url,
             "DATA_DIR": str(tmp_path / "data"),
             "LOG_LEVEL": "DEBUG",
+            "DISCORD_SHARD_COUNT": "4",  # as the third pod of a StatefulSet
+            "DISCORD_SHARD_IDS": "ordinal",
+            "HOSTNAME": "parley-discord-2",
         }
         env.pop("REDIS_URL", None)
         process = await asyncio.create_subprocess_exec(
@@ -346,6 +350,30 @@ async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) 
     assert fake.calls_to("POST", posted)[0].body["content"] == "Hi from the model"
     assert token not in (out + err).decode(), "the token never reaches a log"
     assert b"DEBUG" in err, "debug logging was on"
+    assert fake.shard == [2, 4], "identified as shard 2 of 4"
+
+
+@pytest.mark.parametrize(
+    ("count", "ids", "host", "expected"),
+    [
+        (None, None, "parley-discord-0", None),
+        (3, "ordinal", "parley-discord-2", (2, 3)),
+        (3, "1", "anything", (1, 3)),
+        (3, "ordinal", "parley-discord", "does not end in a number"),
+        (3, "3", "x", "outside DISCORD_SHARD_COUNT=3"),
+        (3, "0,1", "x", "one shard per process"),
+        (3, None, "x", "both"),
+    ],
+)
+def test_shards_come_from_the_settings_or_the_pod_ordinal(
+    count: int | None, ids: str | None, host: str, expected: object
+) -> None:
+    settings = DiscordSettings(shard_count=count, shard_ids=ids)
+    if isinstance(expected, str):
+        with pytest.raises(DiscordSetupError, match=expected):
+            shard_of(settings, host)
+    else:
+        assert shard_of(settings, host) == expected
 
 
 MANAGE_CHANNELS = str(1 << 4)

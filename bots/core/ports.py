@@ -11,6 +11,7 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    NoticeKind,
     PromptMessage,
     TokenUsage,
     Turn,
@@ -128,3 +129,46 @@ class Limiter(Protocol):
     async def usage(self, user: str) -> TokenUsage:
         """Return the user's tokens today and daily budget."""
         ...
+
+
+class Observer(Protocol):
+    """What the service reports as it works, for metrics (all calls must be cheap)."""
+
+    def received(self, platform: str) -> None:
+        """A message or command arrived."""
+        ...
+
+    def first_token(self, platform: str, seconds: float) -> None:
+        """The model's first text, `seconds` after the message arrived."""
+        ...
+
+    def noticed(self, platform: str, kind: NoticeKind) -> None:
+        """Parley told the user something (a limit, a failure, a wait)."""
+        ...
+
+    def finished(self, platform: str, seconds: float, *, answered: bool) -> None:
+        """The answer ended after `seconds`; `answered`: some text reached the user."""
+        ...
+
+    def model_calls(self, platform: str, change: int) -> None:
+        """Model requests in flight went up (1) or down (-1)."""
+        ...
+
+
+class NoObserver:
+    """An Observer that keeps nothing."""
+
+    def received(self, platform: str) -> None:
+        pass
+
+    def first_token(self, platform: str, seconds: float) -> None:
+        pass
+
+    def noticed(self, platform: str, kind: NoticeKind) -> None:
+        pass
+
+    def finished(self, platform: str, seconds: float, *, answered: bool) -> None:
+        pass
+
+    def model_calls(self, platform: str, change: int) -> None:
+        pass

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from bots.core.ports import (
     ModelError,
     ModelInterrupted,
     ModelRejected,
+    NoObserver,
+    Observer,
     StoreUnavailable,
 )
 from bots.core.text import clean_name, is_blank, neutralize, sanitize, special_token_pattern
@@ -128,8 +131,10 @@ class ConversationService:
         *,
         limiter: Limiter | None = None,
         policy: ChatPolicy = ChatPolicy(),
+        observer: Observer | None = None,
     ) -> None:
         self._store = store
+        self._observer: Observer = observer or NoObserver()
         self._model = model
         self._limiter = limiter
         self._policy = policy
@@ -186,20 +191,40 @@ class ConversationService:
     async def _respond(
         self, incoming: Incoming, key: ConversationKey, place: Place
     ) -> AsyncGenerator[ReplyPart, None]:
+        platform, observer = key.platform, self._observer
+        started = time.monotonic()
+        observer.received(platform)
+        answered = False
         try:
             await place.wait()
             text = sanitize(incoming.text)
-            if (command := parse_command(text)) is not None:
+            command = parse_command(text)
+            if command is not None:
                 parts = self._command(command, incoming, key)
             elif is_blank(text):
                 parts = _one(notice(NoticeKind.EMPTY_MESSAGE))
             else:
                 turn, cut = self._user_turn(incoming, text)
                 parts = self._reply(incoming, key, turn, cut=cut)
+            from_model = command is None or command.name == "retry"
             async for part in parts:
+                if isinstance(part, Notice):
+                    observer.noticed(platform, part.kind)
+                elif part:
+                    if from_model and not answered:
+                        observer.first_token(platform, time.monotonic() - started)
+                    answered = True
                 yield part
         finally:
             place.leave()
+            seconds = time.monotonic() - started
+            observer.finished(platform, seconds, answered=answered)
+            log.info(
+                "message %s in %.3f s",
+                "answered" if answered else "not answered",
+                seconds,
+                extra={"conversation": str(key)},
+            )
 
     def _user_turn(self, incoming: Incoming, text: str) -> tuple[Turn, bool]:
         """The turn to store: the text cut at `max_message_chars` (and whether it was), the
@@ -376,6 +401,7 @@ class ConversationService:
         if self._slots.locked():
             yield notice(NoticeKind.QUEUED)
         async with self._slots:
+            self._observer.model_calls(key.platform, 1)
             try:
                 parts = self._model.stream(fitted.messages, session=str(key), adapter=adapter)
                 async for chunk in parts:
@@ -389,6 +415,8 @@ class ConversationService:
                     await self._keep_user_turn(key, user_turn)
                 yield self._model_notice(error)
                 return
+            finally:
+                self._observer.model_calls(key.platform, -1)
         reply = Turn(Role.ASSISTANT, "".join(pieces), usage=usage)
         try:
             await self._store.append(

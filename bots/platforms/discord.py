@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from bots.core.line import ArrivalLine
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
 from bots.core.service import ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
+from bots.ops import platform_rate_limited
 from bots.settings import DiscordSettings
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,14 @@ class ChannelSink:
                 return await self._channel.send(text, allowed_mentions=NO_PINGS)
             return await self._channel.send(text, allowed_mentions=NO_PINGS, reference=reference)
         except discord.RateLimited as limited:
+            platform_rate_limited("discord")
             raise RateLimited(limited.retry_after) from limited
 
     async def edit(self, message: discord.Message, text: str) -> None:
         try:
             await message.edit(content=text, allowed_mentions=NO_PINGS)
         except discord.RateLimited as limited:
+            platform_rate_limited("discord")
             raise RateLimited(limited.retry_after) from limited
 
 
@@ -265,8 +269,14 @@ class DiscordChat:
 class ParleyDiscord(discord.Client):
     """discord.py's client with Parley's handlers; subclassed only to wire them in."""
 
-    def __init__(self, chat: DiscordChat) -> None:
-        super().__init__(intents=intents(), allowed_mentions=NO_PINGS)
+    def __init__(self, chat: DiscordChat, shard: tuple[int, int] | None = None) -> None:
+        shard_id, shard_count = shard if shard else (None, None)
+        super().__init__(
+            intents=intents(),
+            allowed_mentions=NO_PINGS,
+            shard_id=shard_id,
+            shard_count=shard_count,
+        )
         self.chat = chat
         self.tree = app_commands.CommandTree(self)
 
@@ -342,12 +352,43 @@ def use_endpoints(settings: DiscordSettings) -> None:
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
 
 
+def shard_of(settings: DiscordSettings, hostname: str | None = None) -> tuple[int, int] | None:
+    """This process's shard and the shard count, from DISCORD_SHARD_IDS/COUNT; None: unsharded.
+
+    "ordinal" takes the number that ends the host name, as a StatefulSet names its pods
+    (parley-discord-2 runs shard 2). One process runs one shard; replicas scale out.
+    """
+    if settings.shard_count is None and settings.shard_ids is None:
+        return None
+    if settings.shard_count is None or settings.shard_ids is None:
+        raise DiscordSetupError("set both DISCORD_SHARD_COUNT and DISCORD_SHARD_IDS, or neither")
+    if settings.shard_ids == "ordinal":
+        host = hostname if hostname is not None else os.environ.get("HOSTNAME", "")
+        found = re.search(r"(\d+)$", host)
+        if found is None:
+            raise DiscordSetupError(
+                f"DISCORD_SHARD_IDS=ordinal, but the host name {host!r} does not end in a number"
+            )
+        ids = [int(found.group(1))]
+    else:
+        ids = [int(part) for part in settings.shard_ids.split(",")]
+    if len(ids) != 1:
+        raise DiscordSetupError(
+            "DISCORD_SHARD_IDS names one shard per process; run a replica for each"
+        )
+    if not 0 <= ids[0] < settings.shard_count:
+        raise DiscordSetupError(
+            f"shard {ids[0]} is outside DISCORD_SHARD_COUNT={settings.shard_count}"
+        )
+    return ids[0], settings.shard_count
+
+
 async def run_discord(service: ConversationService, settings: DiscordSettings) -> None:
     """Run the bot until the connection ends or the task is cancelled."""
     if settings.token is None:
         raise ValueError("DISCORD_TOKEN is not set")
     use_endpoints(settings)
-    client = ParleyDiscord(DiscordChat(service, settings))
+    client = ParleyDiscord(DiscordChat(service, settings), shard_of(settings))
     async with client:
         try:
             await client.start(settings.token.get_secret_value())

@@ -18,6 +18,7 @@ from bots.core.line import ArrivalLine
 from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
 from bots.core.service import ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
+from bots.ops import platform_rate_limited
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
 
@@ -72,6 +73,7 @@ class ChatSink:
                 text,
             )  # fmt: skip
         except RetryAfter as error:
+            platform_rate_limited("telegram")
             raise RateLimited(_seconds(error.retry_after)) from error
 
     async def edit(self, message: Message, text: str) -> None:
@@ -83,6 +85,7 @@ class ChatSink:
                 text,
             )
         except RetryAfter as error:
+            platform_rate_limited("telegram")
             raise RateLimited(_seconds(error.retry_after)) from error
         except BadRequest as error:
             if "not modified" not in error.message.lower():

@@ -1,0 +1,219 @@
+"""What operators see of a bot process: Prometheus metrics, health, readiness, JSON logs.
+
+Every bot process serves `GET /healthz` (the event loop answers), `GET /readyz` (Redis
+and the model server answer; 503 with which one does not) and `GET /metrics` on
+OPS_HOST:OPS_PORT. Logs go to stderr as text, or one JSON object per line with
+LOG_FORMAT=json; either way every secret the settings hold is masked in every line,
+whichever library wrote it (httpx logs Telegram's URL, which carries the bot token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, SecretStr
+
+from bots.core.models import NoticeKind
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+ERRORS = {
+    NoticeKind.MODEL_UNAVAILABLE,
+    NoticeKind.MODEL_REJECTED,
+    NoticeKind.REPLY_INTERRUPTED,
+    NoticeKind.STORE_UNAVAILABLE,
+}
+LIMITS = {NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT}
+READY_TIMEOUT_S = 2.0
+
+RECEIVED = Counter("parley_messages_received", "Messages and commands received.", ["platform"])
+ANSWERED = Counter("parley_messages_answered", "Messages answered with some text.", ["platform"])
+FAILED = Counter(
+    "parley_errors", "Answers that failed, by kind (model, store...).", ["platform", "kind"]
+)
+RATE_LIMITED = Counter(
+    "parley_rate_limited", "Messages refused by a limit or budget.", ["platform", "reason"]
+)
+PLATFORM_RATE_LIMITED = Counter(
+    "parley_platform_rate_limited", "429s from the platform's API while delivering.", ["platform"]
+)
+IN_FLIGHT = Gauge("parley_replies_in_flight", "Model requests in progress.", ["platform"])
+FIRST_TOKEN = Histogram(
+    "parley_time_to_first_token_seconds",
+    "From a message's arrival to the model's first text.",
+    ["platform"],
+    buckets=LATENCY_BUCKETS,
+)
+REPLY = Histogram(
+    "parley_reply_seconds",
+    "From a message's arrival to the end of its answer.",
+    ["platform"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+class Metrics:
+    """The core's Observer, kept as Prometheus metrics."""
+
+    def received(self, platform: str) -> None:
+        RECEIVED.labels(platform).inc()
+
+    def first_token(self, platform: str, seconds: float) -> None:
+        FIRST_TOKEN.labels(platform).observe(seconds)
+
+    def noticed(self, platform: str, kind: NoticeKind) -> None:
+        if kind in ERRORS:
+            FAILED.labels(platform, kind.value).inc()
+        elif kind in LIMITS:
+            RATE_LIMITED.labels(platform, kind.value).inc()
+
+    def finished(self, platform: str, seconds: float, *, answered: bool) -> None:
+        REPLY.labels(platform).observe(seconds)
+        if answered:
+            ANSWERED.labels(platform).inc()
+
+    def model_calls(self, platform: str, change: int) -> None:
+        IN_FLIGHT.labels(platform).inc(change)
+
+
+def platform_rate_limited(platform: str) -> None:
+    """Count a 429 from a platform's API."""
+    PLATFORM_RATE_LIMITED.labels(platform).inc()
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+@asynccontextmanager
+async def ops_server(host: str, port: int, probes: dict[str, Probe]) -> AsyncIterator[None]:
+    """Serve /healthz, /readyz (every probe true) and /metrics until the block ends."""
+    if not port:
+        yield
+        return
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            status, content_type, body = await answer(method, path.split("?", 1)[0], probes)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def answer(method: str, path: str, probes: dict[str, Probe]) -> tuple[str, str, bytes]:
+    if method != "GET":
+        return "405 Method Not Allowed", "text/plain", b"GET only\n"
+    if path == "/healthz":
+        return "200 OK", "application/json", b'{"status": "ok"}\n'
+    if path == "/metrics":
+        return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+    if path == "/readyz":
+        names = list(probes)
+        results = await asyncio.gather(*(_probe(probes[name]) for name in names))
+        checks = dict(zip(names, results, strict=True))
+        ready = all(results)
+        body = json.dumps({"ready": ready, **checks}).encode() + b"\n"
+        return ("200 OK" if ready else "503 Service Unavailable"), "application/json", body
+    return "404 Not Found", "text/plain", b"/healthz, /readyz or /metrics\n"
+
+
+async def _probe(probe: Probe) -> bool:
+    try:
+        return await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+    except Exception:  # a probe that fails in any way is a "not ready"
+        return False
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def secrets_of(settings: BaseModel) -> list[str]:
+    """Every secret value in the settings, and the password part of secret URLs."""
+    found: list[str] = []
+    for value in _values(settings):
+        if isinstance(value, SecretStr) and (secret := value.get_secret_value()):
+            found.append(secret)
+            password = urlsplit(secret).password if "://" in secret else None
+            if password:
+                found.append(password)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def _values(model: BaseModel) -> Iterable[Any]:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _values(value)
+        else:
+            yield value
+
+
+# Secrets no setting names: API keys of the HTTP channel, Telegram tokens in URLs.
+SECRET_SHAPES = re.compile(r"pk_[A-Za-z0-9_-]{16,}|\bbot\d{5,}:[A-Za-z0-9_-]{20,}")
+
+
+class Redact(logging.Filter):
+    """Mask secrets in a record's final text (message and arguments, formatted)."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self._secrets = [re.escape(secret) for secret in secrets if len(secret) >= 4]
+        pattern = "|".join([*self._secrets, SECRET_SHAPES.pattern])
+        self._pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        masked = self._pattern.sub("***", text)
+        if masked != text:
+            record.msg, record.args = masked, None
+        if record.exc_text:
+            record.exc_text = self._pattern.sub("***", record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, conversation, error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        conversation = getattr(record, "conversation", None)
+        if conversation is not None:
+            entry["conversation"] = conversation
+        if record.exc_text or record.exc_info:
+            entry["error"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
+        return json.dumps(entry, ensure_ascii=False)
