@@ -111,11 +111,11 @@ def connect_sentinel(settings: RedisSettings) -> Redis:
     for address in settings.sentinels:
         host, _, port = address.rpartition(":")
         sentinels.append((host.strip("[]"), int(port)))
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         sentinels, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
     password = settings.password.get_secret_value() if settings.password else None
-    return sentinel.master_for(
+    master: Redis = sentinel.master_for(
         settings.sentinel_master,
         password=password,
         socket_timeout=REDIS_TIMEOUT_S,
@@ -123,6 +123,7 @@ def connect_sentinel(settings: RedisSettings) -> Redis:
         max_connections=settings.max_connections,
         health_check_interval=30,
     )
+    return master
 
 
 def health_url(base_url: str) -> str:

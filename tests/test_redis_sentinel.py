@@ -62,7 +62,7 @@ async def test_conversations_are_kept_on_the_master_sentinel_names(
     # The turns are on the master the Sentinel named.
     asker = Redis(host=host, port=port)
     try:
-        master_host, master_port = await asker.execute_command(
+        master_host, master_port = await asker.execute_command(  # type: ignore[no-untyped-call]
             "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "parley-master"
         )
     finally:
