@@ -129,6 +129,9 @@ class DiscordSettings(BaseModel):
         "members with the Manage Channels permission.",
     )
     show_reasoning: bool = False
+    shutdown_seconds: float = Field(
+        default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
+    )
     shard_count: int | None = Field(
         default=None, ge=1, description="Total shards of the bot; unset: one connection."
     )
@@ -159,6 +162,9 @@ class TelegramSettings(BaseModel):
     webhook_listen: str = "0.0.0.0"
     webhook_port: int = Field(default=8443, ge=1, le=65535)
     show_reasoning: bool = False
+    shutdown_seconds: float = Field(
+        default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
+    )
 
 
 class HttpSettings(BaseModel):

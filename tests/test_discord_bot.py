@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bots.core.models import ConversationKey, PromptMessage, Role
@@ -24,6 +26,7 @@ from bots.platforms.discord import (
     run_discord,
     shard_of,
 )
+from bots.platforms.inflight import RESTART_NOTICE
 from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
 from tests.fake_discord import (
@@ -485,3 +488,43 @@ async def test_a_channel_where_the_bot_may_not_post_does_not_stop_it(bot: Bot) -
     await bot.say(DM_CHANNEL_ID, "and here?")
     await bot.settle(DM_CHANNEL_ID)
     assert bot.shown(DM_CHANNEL_ID) == ["You said: and here?"]
+
+
+@pytest.mark.parametrize(("grace", "gated"), [(10.0, False), (0.3, True)])
+async def test_stopping_finishes_or_ends_a_streamed_reply(
+    store: RedisContextStore, settings: DiscordSettings, grace: float, gated: bool
+) -> None:
+    """What SIGTERM does: a reply in progress ends whole within the grace, or with a notice."""
+    model = FixedModel(lambda _: "one two three four five six seven eight", delay=0.1)
+    key = ConversationKey("discord", f"dm/{DM_CHANNEL_ID}")
+    if gated:
+        model.gates[str(key)] = asyncio.Event()  # the model never answers
+    async with FakeDiscord() as fake:
+        configured = settings.model_copy(
+            update={
+                "api_base_url": fake.api_base,
+                "gateway_url": fake.gateway_url,
+                "shutdown_seconds": grace,
+            }
+        )
+        running = asyncio.create_task(run_discord(ConversationService(store, model), configured))
+        await asyncio.wait_for(fake.identified.wait(), 10)
+        bot = Bot(fake, model, store)
+        await bot.say(DM_CHANNEL_ID, "tell me")
+        if gated:
+            await fake.wait_for(lambda: bool(fake.calls_to("POST", "/typing")), 10)
+        else:
+            await fake.wait_for(lambda: bool(bot.sent(DM_CHANNEL_ID)), 10)
+        running.cancel()
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(aiohttp.ClientConnectionResetError):  # the gateway may be gone
+            await bot.say(DM_CHANNEL_ID, "anyone there?")  # while stopping: not taken
+        await asyncio.gather(running, return_exceptions=True)
+    turns = await store.load(key)
+    if gated:
+        assert bot.shown(DM_CHANNEL_ID) == [RESTART_NOTICE]
+        assert turns == [], "nothing half-written"
+    else:
+        assert bot.shown(DM_CHANNEL_ID) == ["one two three four five six seven eight"]
+        assert [t.content for t in turns] == ["tell me", "one two three four five six seven eight"]
+    assert len(model.prompts) == 1

@@ -13,6 +13,7 @@ import pytest
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
 from bots.delivery.split import split_message
+from bots.platforms.inflight import RESTART_NOTICE
 from bots.platforms.telegram import run_telegram
 from bots.settings import TelegramSettings
 from bots.store.redis import RedisContextStore
@@ -299,3 +300,37 @@ async def test_only_allowed_users_are_answered(bot: Bot) -> None:
     await bot.settle(ADA["id"])
     assert bot.fake.shown(ADA["id"]) == ["You said: hello"]
     assert bot.fake.shown(BOB["id"]) == [] and len(bot.model.prompts) == 1
+
+
+@pytest.mark.parametrize(("grace", "gated"), [(10.0, False), (0.3, True)])
+async def test_stopping_finishes_or_ends_a_streamed_reply(
+    store: RedisContextStore, settings: TelegramSettings, grace: float, gated: bool
+) -> None:
+    """What SIGTERM does: a reply in progress ends whole within the grace, or with a notice."""
+    text = "one two three four five six seven eight"
+    model = FixedModel(lambda _: text)
+    model.delay = 0.15
+    key = ConversationKey("telegram", str(ADA["id"]))
+    if gated:
+        model.gates[str(key)] = asyncio.Event()  # the model never answers
+    async with FakeTelegram() as fake:
+        configured = settings.model_copy(
+            update={"base_url": fake.base_url, "shutdown_seconds": grace}
+        )
+        running = asyncio.create_task(run_telegram(ConversationService(store, model), configured))
+        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
+        bot = Bot(fake, model, store)
+        await bot.say(private_chat(ADA), "tell me")
+        if gated:
+            await fake.wait_for(lambda: bool(fake.calls_to("sendChatAction")), 10)
+        else:
+            await fake.wait_for(lambda: bool(fake.sent[ADA["id"]]), 10)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    turns = await store.load(key)
+    if gated:
+        assert fake.shown(ADA["id"]) == [RESTART_NOTICE]
+        assert turns == [], "nothing half-written"
+    else:
+        assert fake.shown(ADA["id"]) == [text]
+        assert [t.content for t in turns] == ["tell me", text]

@@ -21,6 +21,7 @@ from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPar
 from bots.core.service import ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
 from bots.ops import platform_rate_limited
+from bots.platforms.inflight import InFlight
 from bots.settings import DiscordSettings
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class DiscordChat:
         self._settings = settings
         self._policy = AccessPolicy(settings)
         self._replies = ArrivalLine()
+        self.in_flight = InFlight()
 
     def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Answer DMs, mentions, replies to the bot, and every message in open channels."""
@@ -195,6 +197,8 @@ class DiscordChat:
         *,
         reply_to: discord.Message | None = None,
     ) -> None:
+        if self.in_flight.closing:  # stopping: the message stays unanswered, not half
+            return
         # Both take their places in line now, before any await: arrival order.
         parts = render(self._service.respond(incoming))
         delivery = StreamingDelivery(
@@ -204,7 +208,9 @@ class DiscordChat:
             after=self._replies.join(incoming.key.channel_key),
         )
         try:
-            await delivery.run(typing_until_first(channel, parts))
+            await self.in_flight.deliver(
+                delivery.run(typing_until_first(channel, parts)), channel.send
+            )
         except discord.HTTPException as error:  # e.g. no permission to post in the channel
             log.warning(
                 "reply not delivered: HTTP %s %s",
@@ -384,12 +390,17 @@ def shard_of(settings: DiscordSettings, hostname: str | None = None) -> tuple[in
 
 
 async def run_discord(service: ConversationService, settings: DiscordSettings) -> None:
-    """Run the bot until the connection ends or the task is cancelled."""
+    """Run the bot until the connection ends or the task is cancelled.
+
+    Then it takes no more messages, gives replies in progress DISCORD_SHUTDOWN_SECONDS to
+    finish, ends the rest with a notice, and closes its connections.
+    """
     if settings.token is None:
         raise ValueError("DISCORD_TOKEN is not set")
     use_endpoints(settings)
-    client = ParleyDiscord(DiscordChat(service, settings), shard_of(settings))
-    async with client:
+    chat = DiscordChat(service, settings)
+    client = ParleyDiscord(chat, shard_of(settings))
+    async with client:  # on the way out, after the replies: close the connections
         try:
             await client.start(settings.token.get_secret_value())
         except discord.PrivilegedIntentsRequired as error:
@@ -398,6 +409,8 @@ async def run_discord(service: ConversationService, settings: DiscordSettings) -
             raise DiscordSetupError(
                 "Discord rejected DISCORD_TOKEN: check the bot token"
             ) from error
+        finally:
+            await chat.in_flight.drain(settings.shutdown_seconds)
 
 
 class DiscordSetupError(RuntimeError):

@@ -19,6 +19,7 @@ from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPar
 from bots.core.service import ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
 from bots.ops import platform_rate_limited
+from bots.platforms.inflight import InFlight
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
 
@@ -123,6 +124,7 @@ class TelegramChat:
         self._settings = settings
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
         self._replies = ArrivalLine()
+        self.in_flight = InFlight()
 
     def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
         """The per-chat budgets every reply in that chat shares (most recent chats kept)."""
@@ -192,6 +194,8 @@ class TelegramChat:
         return member.status in GROUP_ADMINS
 
     async def _answer(self, message: Message, text: str, *, is_admin: bool) -> None:
+        if self.in_flight.closing:  # stopping: the message stays unanswered, not half
+            return
         user = message.from_user
         incoming = Incoming(
             conversation_of(message),
@@ -210,7 +214,9 @@ class TelegramChat:
             shared=self.windows_for(message.chat.id, is_group(message)),
             after=self._replies.join(message.chat.id),
         )
-        await delivery.run(typing_until_first(message, parts))
+        await self.in_flight.deliver(
+            delivery.run(typing_until_first(message, parts)), message.reply_text
+        )
 
     async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if update.effective_message and self.is_admitted(update.effective_message):
@@ -261,8 +267,13 @@ def build_application(chat: TelegramChat, settings: TelegramSettings) -> Applica
 
 
 async def run_telegram(service: ConversationService, settings: TelegramSettings) -> None:
-    """Run the bot, by long polling or as a webhook, until the task is cancelled."""
-    application = build_application(TelegramChat(service, settings), settings)
+    """Run the bot, by long polling or as a webhook, until the task is cancelled.
+
+    Then it stops taking updates, gives replies in progress TELEGRAM_SHUTDOWN_SECONDS to
+    finish, and ends the rest with a notice.
+    """
+    chat = TelegramChat(service, settings)
+    application = build_application(chat, settings)
     try:
         async with application:
             await application.bot.set_my_commands(COMMANDS)
@@ -285,6 +296,7 @@ async def run_telegram(service: ConversationService, settings: TelegramSettings)
                 await asyncio.Event().wait()
             finally:
                 await application.updater.stop()
+                await chat.in_flight.drain(settings.shutdown_seconds)
                 await application.stop()
     except InvalidToken as error:
         raise TelegramSetupError("Telegram rejected TELEGRAM_TOKEN: check the token") from error

@@ -1,0 +1,62 @@
+"""Replies a platform bot is delivering, so that stopping lets them finish first.
+
+On SIGTERM a bot stops taking messages, gives the replies in progress a bounded time to
+end, and cancels the rest; each cancelled reply tells its user, and records nothing
+(the service records an exchange only once its reply is whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESTART_NOTICE = "I'm restarting, so this reply stops here. Send your message again in a minute."
+
+
+class InFlight:
+    """The tasks delivering replies now; `closing` once a shutdown has begun."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+
+    async def deliver(
+        self, reply: Awaitable[object], say: Callable[[str], Awaitable[object]]
+    ) -> None:
+        """Deliver a reply as one of these; if a shutdown cancels it, `say` the notice."""
+        with self.track():
+            try:
+                await reply
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await say(RESTART_NOTICE)
+                raise
+
+    async def drain(self, grace: float) -> None:
+        """Take no more; let replies in progress end within `grace` seconds, cancel the rest."""
+        self.closing = True
+        if not self._tasks:
+            return
+        log.info("waiting up to %.0f s for %d replies", grace, len(self._tasks))
+        _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
