@@ -61,6 +61,7 @@ bench: setup model
 	$(PY) -m bench.prefix_cache
 	$(PY) -m bench.rate_limits
 	$(PY) -m bench.http_streams
+	$(PY) -m bench.ops_figures
 	$(PY) -m bench.finetune
 
 clean:

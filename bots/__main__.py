@@ -16,9 +16,10 @@ import io
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
@@ -29,10 +30,7 @@ from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.ops import JsonFormatter, Metrics, Probe, Redact, ops_server, secrets_of
 from bots.platforms.console import ConsoleChat, read_stdin_line
-from bots.platforms.discord import DiscordSetupError, run_discord
-from bots.platforms.http import HttpSetupError, run_http
-from bots.platforms.http.keys import ApiKeys
-from bots.platforms.telegram import TelegramSetupError, run_telegram
+from bots.platforms.errors import PlatformSetupError
 from bots.runtime import (
     EngineStartError,
     context_store,
@@ -183,6 +181,23 @@ def configured_platforms(settings: BotSettings) -> list[str]:
     return [name for name in PLATFORMS if configured[name]]
 
 
+def bot(platform: str, backend: Backend, settings: BotSettings) -> Coroutine[Any, Any, None]:
+    """One platform's bot, to run; only its own libraries are imported (memory per process)."""
+    if platform == "discord":
+        from bots.platforms.discord import run_discord
+
+        return run_discord(backend.service, settings.discord)
+    if platform == "telegram":
+        from bots.platforms.telegram import run_telegram
+
+        return run_telegram(backend.service, settings.telegram)
+    from bots.platforms.http import run_http
+    from bots.platforms.http.keys import ApiKeys
+
+    keys = ApiKeys(backend.redis, prefix=settings.redis.key_prefix)
+    return run_http(backend.service, settings.http, keys, backend.limiter.admit_quota)
+
+
 async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
     """Run these platform bots side by side, sharing one conversation service."""
     for name in platforms:
@@ -192,22 +207,15 @@ async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
         open_backend(settings) as backend,
         ops_server(settings.ops.host, settings.ops.port, backend.probes()),
     ):
-        service = backend.service
-        api_keys = ApiKeys(backend.redis, prefix=settings.redis.key_prefix)
-        starters = {
-            "discord": lambda: run_discord(service, settings.discord),
-            "telegram": lambda: run_telegram(service, settings.telegram),
-            "http": lambda: run_http(service, settings.http, api_keys, backend.limiter.admit_quota),
-        }
-        tune_gc()
-        bots = [asyncio.create_task(starters[name]()) for name in platforms]
+        bots = [asyncio.create_task(bot(name, backend, settings)) for name in platforms]
+        tune_gc()  # after the imports
         try:
             done, _ = await asyncio.wait(bots, return_when=asyncio.FIRST_EXCEPTION)
-            for bot in done:
-                bot.result()  # the first bot that failed stops them all, with its error
+            for finished in done:
+                finished.result()  # the first bot that failed stops them all, with its error
         finally:
-            for bot in bots:
-                bot.cancel()
+            for running in bots:
+                running.cancel()
             await asyncio.gather(*bots, return_exceptions=True)
 
 
@@ -273,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         SettingsError,
         EngineStartError,
         EmbeddedRedisError,
-        DiscordSetupError,
-        TelegramSetupError,
-        HttpSetupError,
+        PlatformSetupError,
     ) as error:
         print(f"parley: {error}", file=sys.stderr)
         return 1

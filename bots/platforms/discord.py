@@ -21,6 +21,7 @@ from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPar
 from bots.core.service import ConversationService
 from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
 from bots.ops import platform_rate_limited
+from bots.platforms.errors import PlatformSetupError
 from bots.platforms.inflight import InFlight
 from bots.settings import DiscordSettings
 
@@ -413,5 +414,5 @@ async def run_discord(service: ConversationService, settings: DiscordSettings) -
             await chat.in_flight.drain(settings.shutdown_seconds)
 
 
-class DiscordSetupError(RuntimeError):
+class DiscordSetupError(PlatformSetupError):
     """Discord refused the bot's configuration; the message says what to change."""

@@ -19,6 +19,7 @@ from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPar
 from bots.core.service import ConversationService
 from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
 from bots.ops import platform_rate_limited
+from bots.platforms.errors import PlatformSetupError
 from bots.platforms.inflight import InFlight
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
@@ -302,5 +303,5 @@ async def run_telegram(service: ConversationService, settings: TelegramSettings)
         raise TelegramSetupError("Telegram rejected TELEGRAM_TOKEN: check the token") from error
 
 
-class TelegramSetupError(RuntimeError):
+class TelegramSetupError(PlatformSetupError):
     """Telegram refused the bot's configuration; the message says what to change."""

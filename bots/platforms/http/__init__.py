@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 import uvicorn
 
 from bots.core.service import ConversationService
+from bots.platforms.errors import PlatformSetupError
 from bots.platforms.http.app import Quota, create_app
 from bots.platforms.http.keys import ApiKeys
 from bots.platforms.http.replies import Reply, ReplyHub
@@ -23,7 +24,7 @@ from bots.settings import HttpSettings
 log = logging.getLogger(__name__)
 
 
-class HttpSetupError(RuntimeError):
+class HttpSetupError(PlatformSetupError):
     """The HTTP channel cannot start: a port in use, a webhook without its secret."""
 
 
