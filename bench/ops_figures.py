@@ -8,7 +8,10 @@ model server and Redis on loopback, each in a process of its own:
 - memory: resident set size (VmRSS) once ready, then after one message in each of 10,000
   conversations (50 at a time, through the HTTP API), whose context lives in Redis.
   Finished replies stay readable for HTTP_REPLY_KEEP_SECONDS (120 s), so they are in
-  that figure; the goal is under 150 MB.
+  that figure; the goal is under 150 MB;
+- the bot image's own layer: the virtual environment `deploy/docker/bots.Dockerfile`
+  builds (the same pip command, then pip and setuptools removed), measured on disk. The
+  base image (python:3.11 slim) is not measured: that needs a Docker engine.
 
     python -m bench.ops_figures [--conversations 10000]
 """
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,8 +109,28 @@ async def converse(url: str, key: str, conversations: int) -> int:
     return answered
 
 
+def image_layer_mib(scratch: Path) -> float:
+    """Build the bot image's virtual environment as its Dockerfile does; return its size."""
+    source, venv = scratch / "src", scratch / "venv"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("bots", "inference"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = [*pip, "install", "--no-cache-dir", "--prefer-binary", ".[discord,telegram,http]"]
+    subprocess.run(install, cwd=source, check=True)
+    subprocess.run([*pip, "uninstall", "--yes", "pip", "setuptools"], check=True)
+    total = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
+    return total / 2**20
+
+
 async def main(conversations: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
+        layer = await asyncio.to_thread(image_layer_mib, Path(scratch))
         async with (
             EmbeddedRedis(Path(scratch) / "redis", port=free_port()) as redis_url,
             stub_model_server("Noted; I will pass it on.") as model_url,
@@ -135,6 +160,7 @@ async def main(conversations: int) -> None:
                 took = time.perf_counter() - began
                 after_rss, peak = rss_mib(pid), peak_rss_mib(pid)
     print(f"machine: {machine()}")
+    print(f"bot image's own layer (its virtual environment): {layer:.0f} MiB")
     print(
         f"start-up to ready (/readyz 200), {STARTS} starts: median "
         f"{statistics.median(starts):.2f} s, min {min(starts):.2f} s, max {max(starts):.2f} s"
