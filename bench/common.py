@@ -27,6 +27,14 @@ def percentile(samples: list[float], share: float) -> float:
     return statistics.quantiles(samples, n=1000, method="inclusive")[round(share * 1000) - 1]
 
 
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc, in MiB: resident now (VmRSS) or at its peak (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def machine() -> str:
     """Describe this machine in one line: CPU model, cores, memory, Python."""
     cpu = platform.processor() or platform.machine()

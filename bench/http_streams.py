@@ -31,7 +31,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import ROOT, StubModel, machine, percentile
+from bench.common import ROOT, StubModel, machine, memory_mib, percentile
 from bots.core.models import Chunk, PromptMessage, Usage
 from bots.core.service import ChatPolicy
 from bots.runtime import event_loop, tune_gc
@@ -151,14 +151,6 @@ def show(name: str, samples: list[float]) -> str:
     )
 
 
-def peak_rss_mib(pid: int) -> float:
-    """A process's peak resident memory (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 @dataclass
 class Run:
     unloaded: Load
@@ -185,7 +177,7 @@ async def run(streams: int, rate: float, *, tuned: bool) -> Run:
             try:
                 url = f"http://127.0.0.1:{port}"
                 unloaded, load = await drive(url, key_file.read_text(), streams, rate)
-                return Run(unloaded, load, peak_rss_mib(server.pid))
+                return Run(unloaded, load, memory_mib(server.pid, "VmHWM"))
             finally:
                 server.terminate()
                 await server.wait()

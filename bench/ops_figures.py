@@ -33,20 +33,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ROOT, machine, stub_model_server
-from bench.http_streams import peak_rss_mib
+from bench.common import ROOT, machine, memory_mib, stub_model_server
 from bots.store.embedded import EmbeddedRedis
 from tests.conftest import free_port
 
 STARTS = 5
 AT_ONCE = 50
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @asynccontextmanager
@@ -152,13 +144,13 @@ async def main(conversations: int) -> None:
                 async with bot_process(env) as (_, seconds):
                     starts.append(seconds)
             async with bot_process(env) as (pid, _):
-                ready_rss = rss_mib(pid)
+                ready_rss = memory_mib(pid)
                 began = time.perf_counter()
                 answered = await converse(
                     f"http://127.0.0.1:{env['HTTP_PORT']}", key, conversations
                 )
                 took = time.perf_counter() - began
-                after_rss, peak = rss_mib(pid), peak_rss_mib(pid)
+                after_rss, peak = memory_mib(pid), memory_mib(pid, "VmHWM")
     print(f"machine: {machine()}")
     print(f"bot image's own layer (its virtual environment): {layer:.0f} MiB")
     print(

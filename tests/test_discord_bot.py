@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from bots.platforms.discord import (
 from bots.platforms.inflight import RESTART_NOTICE
 from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
+from tests.conftest import start_bots
 from tests.fake_discord import (
     BOT_ID,
     BOT_USER,
@@ -329,14 +329,7 @@ async def test_run_starts_the_discord_bot_when_its_token_is_set(tmp_path: Path) 
             "HOSTNAME": "parley-discord-2",
         }
         env.pop("REDIS_URL", None)
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "bots", "run"],
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await start_bots("run", env=env, cwd=tmp_path)
         try:
             await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 30)
             await asyncio.wait_for(fake.identified.wait(), 10)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.ports import ModelUnavailable
 from bots.core.service import ConversationService
 from bots.ops import Metrics, Probe, ops_server
-from tests.conftest import free_port
+from tests.conftest import free_port, start_bots
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
 from tests.fakes import MemoryLimiter, MemoryStore, ScriptedModel, collect
@@ -107,14 +106,7 @@ async def test_a_bot_process_logs_json_with_conversations_and_no_secrets(tmp_pat
             "OPS_PORT": str(ops),
         }
         env.pop("REDIS_URL", None)
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "bots", "telegram"],
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await start_bots("telegram", env=env, cwd=tmp_path)
         try:
             await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 30)
             await fake.push({"chat": private_chat(ADA), "from": ADA, "text": text})
