@@ -184,9 +184,8 @@ class Redact(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [re.escape(secret) for secret in secrets if len(secret) >= 4]
-        pattern = "|".join([*self._secrets, SECRET_SHAPES.pattern])
-        self._pattern = re.compile(pattern)
+        escaped = [re.escape(secret) for secret in secrets if len(secret) >= 4]
+        self._pattern = re.compile("|".join([*escaped, SECRET_SHAPES.pattern]))
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()

@@ -33,8 +33,8 @@ ENGINE_STOP_TIMEOUT_S = 30.0
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it is installed (it comes with the `http` extra), else
-    asyncio's: same behaviour, less overhead per callback and socket."""
+    """uvloop's event loop where it is installed (Parley depends on it, except on Windows),
+    else asyncio's: same behaviour, less overhead per callback and socket."""
     try:
         import uvloop
     except ImportError:

@@ -36,13 +36,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def start_bots(*args: str, env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
-    """Start `python -m bots <args>` with its output piped and no input."""
+async def start_bots(
+    *args: str, env: dict[str, str], cwd: Path = ROOT, stdin: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """Start `python -m bots <args>` with its output piped (and no input, unless asked)."""
     return await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "bots", *args],
         cwd=cwd,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=stdin,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 from bots.store.embedded import responds
+from tests.conftest import start_bots
 from tests.fake_openai import FakeOpenAI, Reply
 
 
@@ -19,14 +19,7 @@ def console_env(base_url: str, data_dir: Path) -> dict[str, str]:
 
 
 async def start_console(env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "bots", "console"],
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    return await start_bots("console", env=env, cwd=cwd, stdin=asyncio.subprocess.PIPE)
 
 
 async def chat(env: dict[str, str], cwd: Path, *typed: str) -> str:

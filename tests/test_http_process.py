@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 
 from bots.core.models import ConversationKey
 from bots.store.redis import RedisContextStore
-from tests.conftest import free_port
+from tests.conftest import free_port, start_bots
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.http_channel import events, reply_text
 
@@ -23,12 +22,7 @@ STORY = "Once upon a time a small bot answered every customer before lunch. " * 
 
 
 async def bots(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "bots", *args],
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_bots(*args, env=env)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
@@ -37,9 +31,7 @@ async def bots(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 @asynccontextmanager
 async def http_process(env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run `python -m bots http` until it has announced its address; kill it if still up."""
-    server = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "bots", "http"], env=env, stderr=asyncio.subprocess.PIPE
-    )
+    server = await start_bots("http", env=env)
     try:
         assert server.stderr is not None
         banner = await asyncio.wait_for(server.stderr.readline(), 60)

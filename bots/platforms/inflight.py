@@ -28,8 +28,14 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def add(self, task: asyncio.Task[Any]) -> None:
+        """Count a task as delivering a reply until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
+        """Count the current task as delivering a reply until the block ends."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

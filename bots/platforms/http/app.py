@@ -29,7 +29,7 @@ from bots.core.models import Admission, Author, ConversationKey, Incoming, Notic
 from bots.core.ports import StoreUnavailable
 from bots.core.service import ConversationService
 from bots.platforms.http.keys import ApiKeys, Integration
-from bots.platforms.http.replies import Reply, ReplyHub
+from bots.platforms.http.replies import Reply, ReplyHub, done_data
 from bots.settings import HttpSettings
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def create_app(
         refusal = next((n for n in reply.notices if n.kind in LIMITED), None)
         if refusal is not None and not reply.text:
             raise limited(refusal.retry_after or 1.0, refusal.text)
-        return JSONResponse(reply_out(reply).model_dump())
+        return JSONResponse(ReplyOut.model_validate(done_data(reply)).model_dump())
 
     @app.get(
         "/v1/conversations/{conversation_id}/replies/{reply_id}",
@@ -349,13 +349,6 @@ def create_app(
         max_age=600,
     )
     return app
-
-
-def reply_out(reply: Reply) -> ReplyOut:
-    notices = [
-        NoticeOut(kind=n.kind.value, text=n.text, retry_after=n.retry_after) for n in reply.notices
-    ]
-    return ReplyOut(reply_id=reply.id, text=reply.text, notices=notices)
 
 
 def event_stream(reply: Reply, after: int = -1) -> StreamingResponse:

@@ -95,10 +95,9 @@ class ApiKeys:
     async def revoke(self, which: str) -> int:
         """Revoke the keys with this key id, or every key of the integration of this name."""
         entries = await _redis(self._client.hgetall(self._hash))
+        found = {digest: Integration(**json.loads(raw)) for digest, raw in entries.items()}
         doomed = [
-            digest
-            for digest, raw in entries.items()
-            if which in (json.loads(raw)["name"], json.loads(raw)["key_id"])
+            d for d, integration in found.items() if which in (integration.name, integration.key_id)
         ]
         if doomed:
             await _redis(self._client.hdel(self._hash, *doomed))

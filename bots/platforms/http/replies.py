@@ -19,6 +19,7 @@ from typing import Any
 
 from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind
 from bots.core.service import ConversationService
+from bots.platforms.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,14 @@ class ReplyHub:
         self._keep_seconds = keep_seconds
         self._on_finished = on_finished
         self._replies: dict[str, Reply] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def running(self) -> int:
-        return len(self._tasks)
+        self._running = InFlight()
 
     def start(self, incoming: Incoming) -> Reply:
         """Begin answering; the reply's first event names it."""
         reply = Reply(uuid.uuid4().hex, incoming.key, incoming.text)
         reply.add("reply", {"reply_id": reply.id})
         self._replies[reply.id] = reply
-        task = asyncio.create_task(self._run(reply, incoming), name=f"reply-{reply.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._running.add(asyncio.create_task(self._run(reply, incoming), name=f"reply-{reply.id}"))
         return reply
 
     def find(self, reply_id: str, key: ConversationKey) -> Reply | None:
@@ -140,8 +135,9 @@ class ReplyHub:
 
     def _finish(self, reply: Reply, pieces: list[str], *, extra: str | None = None) -> None:
         if extra is not None:
-            reply.notices.append(Notice(_ERROR_KIND, extra))
-            reply.add("notice", {"kind": _ERROR_KIND.value, "text": extra})
+            notice = Notice(_ERROR_KIND, extra)
+            reply.notices.append(notice)
+            reply.add("notice", notice_data(notice))
         reply.text = "".join(pieces)
         reply.done = True
         reply.add("done", done_data(reply))
@@ -149,12 +145,7 @@ class ReplyHub:
 
     async def close(self, grace: float) -> None:
         """Let replies in progress finish for `grace` seconds, then end the rest."""
-        if self._tasks:
-            log.info("waiting for %d replies", len(self._tasks))
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._running.drain(grace)
 
 
 def notice_data(notice: Notice) -> dict[str, Any]:
