@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
@@ -175,10 +176,17 @@ async def test_if_telegram_still_refuses_the_html_the_text_goes_plain(bot: Bot) 
 async def test_flood_control_mid_stream_keeps_the_final_text(bot: Bot) -> None:
     bot.model.delay = 0.03
     bot.fake.edit_interval = 3.0
+    counted_before = platform_429s()
     await bot.say(private_chat(ADA), "stream")
     await bot.settle(ADA["id"])
     assert bot.fake.too_many() >= 1, "the fake's flood control fired"
     assert bot.fake.shown(ADA["id"]) == [" ".join(f"w{i}" for i in range(120))]
+    assert platform_429s() - counted_before == bot.fake.too_many(), "each 429 is in the metric"
+
+
+def platform_429s() -> float:
+    labels = {"platform": "telegram"}
+    return REGISTRY.get_sample_value("parley_platform_rate_limited_total", labels) or 0.0
 
 
 async def test_two_chats_at_once_and_two_messages_in_one_chat(bot: Bot) -> None:

@@ -134,9 +134,11 @@ class StreamingDelivery(Generic[Ref]):
         show_reasoning: bool = False,
         shared: Sequence[CallWindow] = (),
         after: Place | None = None,
+        on_rate_limited: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
+        self._on_rate_limited = on_rate_limited
         self._limits = limits
         self._show_reasoning = show_reasoning
         self._clock = clock
@@ -239,6 +241,8 @@ class StreamingDelivery(Generic[Ref]):
             return False
         except RateLimited as limited:
             self.report.rate_limited += 1
+            if self._on_rate_limited is not None:  # e.g. the platform's 429 metric
+                self._on_rate_limited()
             self._next_update = self._clock() + limited.retry_after
             return False
         self._last_update = self._clock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -99,14 +100,12 @@ class ChannelSink:
                 return await self._channel.send(text, allowed_mentions=NO_PINGS)
             return await self._channel.send(text, allowed_mentions=NO_PINGS, reference=reference)
         except discord.RateLimited as limited:
-            platform_rate_limited("discord")
             raise RateLimited(limited.retry_after) from limited
 
     async def edit(self, message: discord.Message, text: str) -> None:
         try:
             await message.edit(content=text, allowed_mentions=NO_PINGS)
         except discord.RateLimited as limited:
-            platform_rate_limited("discord")
             raise RateLimited(limited.retry_after) from limited
 
 
@@ -207,6 +206,7 @@ class DiscordChat:
             DISCORD_LIMITS,
             show_reasoning=self._settings.show_reasoning,
             after=self._replies.join(incoming.key.channel_key),
+            on_rate_limited=functools.partial(platform_rate_limited, "discord"),
         )
         try:
             await self.in_flight.deliver(

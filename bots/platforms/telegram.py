@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -75,7 +76,6 @@ class ChatSink:
                 text,
             )  # fmt: skip
         except RetryAfter as error:
-            platform_rate_limited("telegram")
             raise RateLimited(_seconds(error.retry_after)) from error
 
     async def edit(self, message: Message, text: str) -> None:
@@ -87,7 +87,6 @@ class ChatSink:
                 text,
             )
         except RetryAfter as error:
-            platform_rate_limited("telegram")
             raise RateLimited(_seconds(error.retry_after)) from error
         except BadRequest as error:
             if "not modified" not in error.message.lower():
@@ -214,6 +213,7 @@ class TelegramChat:
             show_reasoning=self._settings.show_reasoning,
             shared=self.windows_for(message.chat.id, is_group(message)),
             after=self._replies.join(message.chat.id),
+            on_rate_limited=functools.partial(platform_rate_limited, "telegram"),
         )
         await self.in_flight.deliver(
             delivery.run(typing_until_first(message, parts)), message.reply_text
