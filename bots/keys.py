@@ -8,14 +8,14 @@ import datetime
 import sys
 
 from bots.core.ports import StoreUnavailable
-from bots.platforms.http.keys import ApiKeys
 from bots.runtime import open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
+from bots.store.keys import RedisApiKeys
 
 
 async def run(settings: BotSettings, args: argparse.Namespace) -> int:
     async with open_redis(settings.redis, settings.data_dir) as redis:
-        keys = ApiKeys(redis, prefix=settings.redis.key_prefix)
+        keys = RedisApiKeys(redis, prefix=settings.redis.key_prefix)
         if args.action == "create":
             key, integration = await keys.create(
                 args.integration, messages=args.messages, window=args.window

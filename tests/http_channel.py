@@ -14,9 +14,9 @@ import httpx
 from bots.core.ports import ChatModel
 from bots.core.service import ChatPolicy, ConversationService
 from bots.platforms.http import run_http
-from bots.platforms.http.keys import ApiKeys
 from bots.runtime import connect_redis
 from bots.settings import HttpSettings
+from bots.store.keys import RedisApiKeys
 from bots.store.limits import RedisLimiter
 from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
@@ -25,7 +25,7 @@ from tests.conftest import free_port
 @dataclass
 class Channel:
     url: str
-    keys: ApiKeys
+    keys: RedisApiKeys
     service: ConversationService
     task: asyncio.Task[None]
 
@@ -58,7 +58,7 @@ async def http_channel(
         daily_tokens=0,
     )
     service = ConversationService(store, model, limiter=limiter, policy=policy or ChatPolicy())
-    keys = ApiKeys(redis, prefix=prefix)
+    keys = RedisApiKeys(redis, prefix=prefix)
     http = HttpSettings(**{"port": free_port(), **settings})
     task = asyncio.create_task(run_http(service, http, keys, limiter.admit_quota))
     url = f"http://127.0.0.1:{http.port}"

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from bots.core.models import PromptMessage
 from bots.core.ports import ChatModel
-from bots.platforms.http.app import ID_PATTERN
+from bots.platforms.http.protocol import ID_PATTERN
 from tests.fakes import ScriptedModel
 from tests.http_channel import (
     Channel,

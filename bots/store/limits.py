@@ -7,10 +7,9 @@ import os
 from urllib.parse import quote
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from bots.core.models import ADMITTED, Admission, ConversationKey, TokenUsage
-from bots.core.ports import StoreUnavailable
+from bots.store.errors import store_errors
 from bots.store.redis import conversation_slot
 
 DAY_S = 86_400
@@ -89,7 +88,7 @@ class RedisLimiter:
 
     async def admit(self, user: str | None, conversation: ConversationKey) -> Admission:
         member = os.urandom(8).hex()  # this message's entry in the windows
-        try:
+        with store_errors():
             if user is not None:
                 keys = [self._user_key(user), self.tokens_key(user)]
                 if refused := await self._check(keys, self._user, member, "user"):
@@ -101,8 +100,6 @@ class RedisLimiter:
                 if user is not None:  # give the user's place back
                     await self._client.zrem(self._user_key(user), member)
                 return refused
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         return ADMITTED
 
     async def admit_quota(self, name: str, messages: int, window: float) -> Admission:
@@ -114,12 +111,10 @@ class RedisLimiter:
         if messages <= 0:
             return ADMITTED
         keys = [f"{self._prefix}:limit:quota:{_tag(name)}"]
-        try:
+        with store_errors():
             refused = await self._check(
                 keys, (messages, round(window * 1000)), os.urandom(8).hex(), "quota"
             )
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         return refused or ADMITTED
 
     async def _check(
@@ -137,20 +132,16 @@ class RedisLimiter:
 
     async def charge(self, user: str, tokens: int) -> None:
         key = self.tokens_key(user)
-        try:
+        with store_errors():
             async with self._client.pipeline(transaction=True) as transaction:
                 transaction.incrby(key, tokens)
                 transaction.expire(key, TOKENS_KEPT_S)
                 await transaction.execute()
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def usage(self, user: str) -> TokenUsage:
         now = datetime.datetime.now(datetime.UTC)
-        try:
+        with store_errors():
             used = await self._client.get(self.tokens_key(user, now.date()))
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         midnight = datetime.datetime.combine(now.date(), datetime.time(), datetime.UTC)
         resets_in = DAY_S - (now - midnight).total_seconds()
         return TokenUsage(int(used or 0), self._daily_tokens or None, resets_in)

@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from bots.core.models import (
     ChannelOption,
@@ -19,7 +18,7 @@ from bots.core.models import (
     Turn,
     Usage,
 )
-from bots.core.ports import StoreUnavailable
+from bots.store.errors import store_errors
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +157,8 @@ class RedisContextStore:
         return f"{self._prefix}:{kind}:{conversation_slot(key)}"
 
     async def load(self, key: ConversationKey) -> list[Turn]:
-        try:
+        with store_errors():
             raw = await self._client.lrange(self.redis_key(key), 0, -1)
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         turns = []
         for item in raw:
             try:
@@ -187,17 +184,13 @@ class RedisContextStore:
             *(encode_turn(turn) for turn in turns),
         ]
         keys = [self.redis_key(key), self.redis_key(key, "win"), self.redis_key(key, "seq")]
-        try:
+        with store_errors():
             return bool(await self._record(keys=keys, args=args))
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def state(self, key: ConversationKey) -> ConversationState:
         names = [self.redis_key(key, kind) for kind in ("win", "persona", "adapter", "collect")]
-        try:
+        with store_errors():
             window, persona, adapter, collect = await self._client.mget(names)
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         return ConversationState(
             persona=_text(persona),
             window_start=int(window) if window is not None else None,
@@ -209,23 +202,19 @@ class RedisContextStore:
         self, key: ConversationKey, option: ChannelOption, value: str | None
     ) -> None:
         name = self.redis_key(key, option)
-        try:
+        with store_errors():
             if value is None:
                 await self._client.delete(name)
             else:
                 await self._client.set(name, value.encode())
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def conversations(self) -> AsyncIterator[ConversationKey]:
         marker, seen = f"{self._prefix}:ctx:", set()
-        try:
+        with store_errors():
             async for name in self._client.scan_iter(match=marker + "*", count=1000):
                 if name not in seen:  # SCAN may return a key twice
                     seen.add(name)
                     yield parse_slot(_text(name)[len(marker) :])  # type: ignore[index]
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def edit(self, key: ConversationKey, message_id: str, content: str) -> bool:
         return await self._change(key, "edit", message_id, content)
@@ -236,19 +225,15 @@ class RedisContextStore:
     async def _change(
         self, key: ConversationKey, action: str, message_id: str, content: str
     ) -> bool:
-        try:
+        with store_errors():
             changed = await self._change_turn(
                 keys=[self.redis_key(key)], args=[action, message_id, content]
             )
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
         return bool(changed)
 
     async def clear(self, key: ConversationKey) -> None:
-        try:
+        with store_errors():
             await self._client.delete(self.redis_key(key), self.redis_key(key, "win"))
-        except RedisError as error:
-            raise StoreUnavailable(str(error)) from error
 
 
 def _text(value: bytes | str | None) -> str | None:

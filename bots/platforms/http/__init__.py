@@ -13,11 +13,12 @@ from contextlib import AsyncExitStack
 
 import uvicorn
 
+from bots.core.ports import ApiKeys
 from bots.core.service import ConversationService
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.http.app import Quota, create_app
-from bots.platforms.http.keys import ApiKeys
+from bots.platforms.http.app import create_app
 from bots.platforms.http.replies import Reply, ReplyHub
+from bots.platforms.http.serving import Quota
 from bots.platforms.http.webhook import Webhook
 from bots.settings import HttpSettings
 

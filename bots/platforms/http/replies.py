@@ -19,7 +19,7 @@ from typing import Any
 
 from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind
 from bots.core.service import ConversationService
-from bots.platforms.inflight import InFlight
+from bots.delivery.inflight import InFlight
 
 log = logging.getLogger(__name__)
 

@@ -12,30 +12,16 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
-from typing import TypeVar
+from dataclasses import asdict
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from bots.core.ports import StoreUnavailable
+from bots.core.models import Integration
+from bots.store.errors import store_errors
 
 KEY_PREFIX = "pk_"
 INTEGRATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-T = TypeVar("T")
 CACHE_S = 30.0  # a revoked key stops working within this long on every replica
-
-
-@dataclass(frozen=True, slots=True)
-class Integration:
-    """Who an API key belongs to, and its own message quota (None: the default)."""
-
-    name: str
-    key_id: str  # the first characters of the key's hash: safe to log and to show
-    created: float
-    messages: int | None = None
-    window: float | None = None
 
 
 def hash_key(key: str) -> str:
@@ -46,7 +32,7 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class ApiKeys:
+class RedisApiKeys:
     """The integrations' keys in one Redis hash: field = the key's SHA-256, value = JSON."""
 
     def __init__(self, client: Redis, *, prefix: str, cache_seconds: float = CACHE_S) -> None:
@@ -67,7 +53,8 @@ class ApiKeys:
         key = new_key()
         digest = hash_key(key)
         integration = Integration(name, digest[:12], time.time(), messages, window)
-        await _redis(self._client.hset(self._hash, digest, json.dumps(asdict(integration))))
+        with store_errors():
+            await self._client.hset(self._hash, digest, json.dumps(asdict(integration)))
         return key, integration
 
     async def find(self, key: str) -> Integration | None:
@@ -79,7 +66,8 @@ class ApiKeys:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        raw = await _redis(self._client.hget(self._hash, digest))
+        with store_errors():
+            raw = await self._client.hget(self._hash, digest)
         if raw is None:
             self._cache.pop(digest, None)
             return None
@@ -88,25 +76,21 @@ class ApiKeys:
         return integration
 
     async def list(self) -> list[Integration]:
-        raw = await _redis(self._client.hvals(self._hash))
+        with store_errors():
+            raw = await self._client.hvals(self._hash)
         found = [Integration(**json.loads(value)) for value in raw]
         return sorted(found, key=lambda integration: (integration.name, integration.created))
 
     async def revoke(self, which: str) -> int:
         """Revoke the keys with this key id, or every key of the integration of this name."""
-        entries = await _redis(self._client.hgetall(self._hash))
+        with store_errors():
+            entries = await self._client.hgetall(self._hash)
         found = {digest: Integration(**json.loads(raw)) for digest, raw in entries.items()}
         doomed = [
             d for d, integration in found.items() if which in (integration.name, integration.key_id)
         ]
         if doomed:
-            await _redis(self._client.hdel(self._hash, *doomed))
+            with store_errors():
+                await self._client.hdel(self._hash, *doomed)
             self._cache.clear()
         return len(doomed)
-
-
-async def _redis(command: Awaitable[T]) -> T:
-    try:
-        return await command
-    except RedisError as error:
-        raise StoreUnavailable(str(error)) from error

@@ -1,0 +1,105 @@
+"""The HTTP channel's wire types: request and response bodies, and the event stream's
+description, from which the OpenAPI document is generated."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+REPLY_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class UserIn(BaseModel):
+    """The end user behind a message, as the integration knows them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(min_length=1, max_length=128, description="Stable id; limits count per id.")
+    name: str | None = Field(default=None, max_length=64)
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str = Field(
+        min_length=1, description="The user's message, or a command such as /help or /retry."
+    )
+    stream: bool = Field(
+        default=True,
+        description="true: the reply streams as Server-Sent Events; false: one JSON answer.",
+    )
+    user: UserIn | None = Field(
+        default=None, description="Unset: the conversation is its own user for limits."
+    )
+
+
+class NoticeOut(BaseModel):
+    kind: str = Field(description="e.g. rate_limited, queued, model_unavailable")
+    text: str
+    retry_after: float | None = Field(default=None, description="Seconds, for limits.")
+
+
+class ReplyOut(BaseModel):
+    reply_id: str
+    text: str = Field(description="The model's reply; empty when only notices answered.")
+    notices: list[NoticeOut]
+
+
+class MessageOut(BaseModel):
+    seq: int | None = Field(description="The turn's number in its conversation.")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    at: float = Field(description="Unix time the turn was recorded.")
+
+
+class HistoryOut(BaseModel):
+    conversation_id: str
+    messages: list[MessageOut]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+SSE_EVENT = {
+    "type": "object",
+    "description": "One Server-Sent Event; `data` is a JSON object as the description says.",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["reply", "delta", "notice", "done"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+EVENT_STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
+SSE_DOC = (
+    "Events, each with an `id:`: `reply` {reply_id}, then `delta` {text} as the reply "
+    "grows, `notice` {kind, text, retry_after?} from Parley, and last `done` {reply_id, "
+    "text, notices}. Comment lines keep an idle stream open."
+)
+Responses = dict[int | str, dict[str, Any]]
+ERRORS: Responses = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        400: "Malformed JSON.",
+        401: "Missing, unknown or revoked API key.",
+        413: "The body is larger than the server accepts.",
+        415: "The body is not JSON.",
+        422: "The request does not match the schema.",
+        503: "Redis, which holds the conversations, is unreachable.",
+    }.items()
+}
+
+
+def streamed(description: str, errors: Responses) -> Responses:
+    """The responses of an operation that answers with an event stream."""
+    return {200: {"description": description, "content": EVENT_STREAM}, **errors, **ERRORS}
