@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.common import ROOT, machine
-from inference.finetune import DataOptions, LoraOptions, TrainOptions, finetune, loss_table
+from inference.finetune import LoraOptions, TrainOptions, finetune, loss_table
+from inference.finetune_data import DataOptions
 from tests.finetune_data import support_conversations
 
 MODEL = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"

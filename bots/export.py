@@ -2,8 +2,9 @@
 
 Each line is one conversation in the OpenAI chat format, `{"messages": [...]}`, starting
 with the conversation's persona (or CHAT_SYSTEM_PROMPT) as the system message when there
-is one. A conversation is exported when its channel's admin said `/collect on`, or, when
-nobody said either, if CHAT_COLLECT_DEFAULT is true.
+is one, its turns worded as the model read them (`bots.core.transcripts`). A conversation
+is exported when its channel's admin said `/collect on`, or, when nobody said either, if
+CHAT_COLLECT_DEFAULT is true.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bots.core.ports import ContextStore, StoreUnavailable
+from bots.core.prompt import system_of
 from bots.core.transcripts import Window, transcript
 from bots.runtime import context_store, open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
@@ -61,7 +63,7 @@ async def export(
             continue
         messages = transcript(
             await store.load(key),
-            system=channel.persona if channel.persona is not None else system_prompt,
+            system=system_of(channel.persona, system_prompt),
             window=selection.window,
             redact=selection.redact,
         )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bots.settings import SettingsError, load_settings
+from inference.finetune_data import DataOptions, FinetuneError
 from inference.prepare import BundleMissing, prepare_default_model
 from inference.serve import EngineMissing, serve
 from inference.settings import InferenceSettings
@@ -79,14 +80,14 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         if args.command == "merge":
             print(f"merged model saved in {ft.merge(args.base, args.adapter, args.out)}")
             return 0
-        data = ft.DataOptions(args.data, args.max_length, args.eval_share, args.seed, args.strict)
+        data = DataOptions(args.data, args.max_length, args.eval_share, args.seed, args.strict)
         if args.command == "eval":
             print(ft.loss_table(ft.evaluate(args.base, data, args.adapter, args.batch_size)))
             return 0
         lora = ft.LoraOptions(args.rank, args.alpha, args.dropout, args.target_modules)
         train = ft.TrainOptions(args.learning_rate, args.epochs, args.batch_size, args.resume)
         print(ft.describe(ft.finetune(args.base, data, lora, train, args.out)))
-    except ft.FinetuneError as error:
+    except FinetuneError as error:
         print(f"inference: {error}", file=sys.stderr)
         return 2
     return 0

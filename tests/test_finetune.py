@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from inference.__main__ import main
-from inference.finetune import (
-    IGNORE_INDEX,
-    TRAINING_RECORD,
-    DataOptions,
-    load_dataset,
-    load_model,
-    load_tokenizer,
-    render,
-)
+from inference.finetune import TRAINING_RECORD, load_model, load_tokenizer
+from inference.finetune_data import IGNORE_INDEX, DataOptions, load_dataset, render
+from tests.conftest import ROOT
 from tests.finetune_data import (
     HELD_OUT_QUESTION,
     MODEL,
@@ -125,6 +121,32 @@ def test_strict_rejects_the_file_before_training(
         assert expected in errors
     assert "8 bad lines; rejected (--strict)" in errors
     assert not out.exists()
+
+
+DATA_CHECKS_ALONE = """
+import sys
+from pathlib import Path
+from inference.finetune_data import read_conversations
+_, problems, _ = read_conversations(Path(sys.argv[1]))
+print(*problems, sep="\\n")
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_the_data_checks_run_without_torch(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
+
+    done = subprocess.run(
+        [sys.executable, "-c", DATA_CHECKS_ALONE, str(data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "torch imported: False"
+    for expected in EXPECTED_PROBLEMS[:-1]:  # line 9 is too long only once tokenized
+        assert expected in done.stdout
 
 
 def test_no_usable_conversation_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bots.core.models import PromptMessage, Role, Turn
+from bots.core.prompt import Clean, plain, render, system_message
 
 # Tokens a chat template adds around each message (role markers, separators), and
 # before the reply (the generation prompt).
@@ -44,17 +45,6 @@ def bound_tokens(messages: Sequence[PromptMessage]) -> int:
     return MESSAGE_OVERHEAD_TOKENS + sum(
         len(m.content.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages
     )
-
-
-def plain(text: str) -> str:
-    return text
-
-
-def render(turn: Turn, clean: Callable[[str], str] = plain) -> PromptMessage:
-    """Turn a stored turn into the message the model sees, naming group authors."""
-    if turn.role is Role.USER and turn.name:
-        return PromptMessage(turn.role, clean(f"{turn.name}: {turn.content}"))
-    return PromptMessage(turn.role, clean(turn.content))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +88,13 @@ class ContextFitter:
         *,
         window_start: int | None,
         budget: int,
-        clean: Callable[[str], str] = plain,
+        clean: Clean = plain,
     ) -> Fitted:
         """Fit the system prompt, the history since turn `window_start` and the new turn.
 
         `clean` is applied to every text the model will read (see `text.neutralize`).
         """
-        head = [PromptMessage(Role.SYSTEM, clean(system))] if system else []
+        head = system_message(system, clean)
         if head and (tokens := await self.overflow(head, budget // 2)) is not None:
             head = [await self._shorten([], head[0], budget // 2, tokens)]  # a persona past reason
         current = render(new, clean)

@@ -1,4 +1,8 @@
-"""Stored conversations as fine-tuning data: OpenAI chat messages, optionally redacted."""
+"""Stored conversations as fine-tuning data: OpenAI chat messages, optionally redacted.
+
+Turns are rendered as prompts render them (`bots.core.prompt`), special-token spellings
+broken as in prompts, so a model is trained on what it would read.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bots.core.models import Role, Turn
+from bots.core.prompt import render, system_message
+from bots.core.text import neutralize, special_token_pattern
 
 # Platform mention forms: Discord's <@123>, <@!123>, <@&123>; Telegram's @username.
 _MENTION = re.compile(r"<@[!&]?\d+>|@\w{3,}")
+# The common chat templates' special tokens. Prompts also break the served tokenizer's
+# own (its /tokenizer_info list), which an export, made without the model, cannot know.
+_MARKERS = special_token_pattern()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +57,15 @@ def transcript(
             # Each part of a name too ("Ada" of "Ada Lovelace"): better too much than a leak.
             for part in [name, *(p for p in name.split() if len(p) >= 3)]:
                 aliases.setdefault(part, alias)
-    messages = [{"role": Role.SYSTEM.value, "content": system}] if system else []
-    for turn in kept:
-        content = (
-            f"{turn.name}: {turn.content}" if turn.role is Role.USER and turn.name else turn.content
-        )
-        if redact:
-            content = _redacted(content, aliases)
-        messages.append({"role": turn.role.value, "content": content})
-    return messages
+
+    def model_text(text: str) -> str:
+        return neutralize(text, _MARKERS)
+
+    def turn_text(text: str) -> str:
+        return model_text(_redacted(text, aliases) if redact else text)
+
+    messages = [*system_message(system, model_text), *(render(t, turn_text) for t in kept)]
+    return [{"role": m.role.value, "content": m.content} for m in messages]
 
 
 def _redacted(text: str, aliases: dict[str, str]) -> str:
