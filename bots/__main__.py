@@ -58,6 +58,7 @@ class Backend:
     redis: Redis
     limiter: RedisLimiter
     model_url: str  # the model server's OpenAI base URL
+    metrics: Metrics
 
     def probes(self) -> dict[str, Probe]:
         """What /readyz checks: Redis answers PING, the model server its /health."""
@@ -117,10 +118,11 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
             conversation_window=limits.conversation_window,
             daily_tokens=limits.daily_tokens,
         )
+        metrics = Metrics()
         service = ConversationService(
-            store, model, limiter=limiter, policy=chat_policy(settings), observer=Metrics()
+            store, model, limiter=limiter, policy=chat_policy(settings), observer=metrics
         )
-        yield Backend(service, redis, limiter, base_url)
+        yield Backend(service, redis, limiter, base_url, metrics)
 
 
 def chat_policy(settings: BotSettings) -> ChatPolicy:
@@ -192,9 +194,9 @@ def bot(platform: str, backend: Backend, settings: BotSettings) -> Coroutine[Any
 
         return run_telegram(backend.service, settings.telegram)
     from bots.platforms.http import run_http
-    from bots.platforms.http.keys import ApiKeys
+    from bots.store.keys import RedisApiKeys
 
-    keys = ApiKeys(backend.redis, prefix=settings.redis.key_prefix)
+    keys = RedisApiKeys(backend.redis, prefix=settings.redis.key_prefix)
     return run_http(backend.service, settings.http, keys, backend.limiter.admit_quota)
 
 
@@ -205,7 +207,7 @@ async def run_bots(settings: BotSettings, platforms: list[str]) -> None:
             raise SettingsError(MISSING_TOKEN[name])
     async with (
         open_backend(settings) as backend,
-        ops_server(settings.ops.host, settings.ops.port, backend.probes()),
+        ops_server(settings.ops.host, settings.ops.port, backend.probes(), backend.metrics),
     ):
         bots = [asyncio.create_task(bot(name, backend, settings)) for name in platforms]
         tune_gc()  # after the imports

@@ -19,7 +19,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, SecretStr
 
 from bots.core.models import NoticeKind
@@ -36,59 +43,76 @@ ERRORS = {
 LIMITS = {NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT}
 READY_TIMEOUT_S = 2.0
 
-RECEIVED = Counter("parley_messages_received", "Messages and commands received.", ["platform"])
-ANSWERED = Counter("parley_messages_answered", "Messages answered with some text.", ["platform"])
-FAILED = Counter(
-    "parley_errors", "Answers that failed, by kind (model, store...).", ["platform", "kind"]
-)
-RATE_LIMITED = Counter(
-    "parley_rate_limited", "Messages refused by a limit or budget.", ["platform", "reason"]
-)
-PLATFORM_RATE_LIMITED = Counter(
-    "parley_platform_rate_limited", "429s from the platform's API while delivering.", ["platform"]
-)
-IN_FLIGHT = Gauge("parley_replies_in_flight", "Model requests in progress.", ["platform"])
-FIRST_TOKEN = Histogram(
-    "parley_time_to_first_token_seconds",
-    "From a message's arrival to the model's first text.",
-    ["platform"],
-    buckets=LATENCY_BUCKETS,
-)
-REPLY = Histogram(
-    "parley_reply_seconds",
-    "From a message's arrival to the end of its answer.",
-    ["platform"],
-    buckets=LATENCY_BUCKETS,
-)
-
 
 class Metrics:
-    """The core's Observer, kept as Prometheus metrics."""
+    """The core's Observer, kept as Prometheus metrics in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, ["platform", *labels], registry=registry)
+
+        def histogram(name: str, documentation: str) -> Histogram:
+            return Histogram(
+                name, documentation, ["platform"], buckets=LATENCY_BUCKETS, registry=registry
+            )
+
+        self._received = counter("parley_messages_received", "Messages and commands received.")
+        self._answered = counter("parley_messages_answered", "Messages answered with some text.")
+        self._failed = counter(
+            "parley_errors", "Answers that failed, by kind (model, store...).", "kind"
+        )
+        self._limited = counter(
+            "parley_rate_limited", "Messages refused by a limit or budget.", "reason"
+        )
+        self._platform_limited = counter(
+            "parley_platform_rate_limited", "429s from the platform's API while delivering."
+        )
+        self._in_flight = Gauge(
+            "parley_replies_in_flight",
+            "Model requests in progress.",
+            ["platform"],
+            registry=registry,
+        )
+        self._first_token = histogram(
+            "parley_time_to_first_token_seconds",
+            "From a message's arrival to the model's first text.",
+        )
+        self._reply = histogram(
+            "parley_reply_seconds", "From a message's arrival to the end of its answer."
+        )
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when it was never set)."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self) -> bytes:
+        """Every metric in Prometheus's text format."""
+        return generate_latest(self.registry)
 
     def received(self, platform: str) -> None:
-        RECEIVED.labels(platform).inc()
+        self._received.labels(platform).inc()
 
     def first_token(self, platform: str, seconds: float) -> None:
-        FIRST_TOKEN.labels(platform).observe(seconds)
+        self._first_token.labels(platform).observe(seconds)
 
     def noticed(self, platform: str, kind: NoticeKind) -> None:
         if kind in ERRORS:
-            FAILED.labels(platform, kind.value).inc()
+            self._failed.labels(platform, kind.value).inc()
         elif kind in LIMITS:
-            RATE_LIMITED.labels(platform, kind.value).inc()
+            self._limited.labels(platform, kind.value).inc()
 
     def finished(self, platform: str, seconds: float, *, answered: bool) -> None:
-        REPLY.labels(platform).observe(seconds)
+        self._reply.labels(platform).observe(seconds)
         if answered:
-            ANSWERED.labels(platform).inc()
+            self._answered.labels(platform).inc()
 
     def model_calls(self, platform: str, change: int) -> None:
-        IN_FLIGHT.labels(platform).inc(change)
+        self._in_flight.labels(platform).inc(change)
 
-
-def platform_rate_limited(platform: str) -> None:
-    """Count a 429 from a platform's API."""
-    PLATFORM_RATE_LIMITED.labels(platform).inc()
+    def platform_limited(self, platform: str) -> None:
+        self._platform_limited.labels(platform).inc()
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -97,7 +121,9 @@ Probe = Callable[[], Awaitable[bool]]
 
 
 @asynccontextmanager
-async def ops_server(host: str, port: int, probes: dict[str, Probe]) -> AsyncIterator[None]:
+async def ops_server(
+    host: str, port: int, probes: dict[str, Probe], metrics: Metrics
+) -> AsyncIterator[None]:
     """Serve /healthz, /readyz (every probe true) and /metrics until the block ends."""
     if not port:
         yield
@@ -107,7 +133,9 @@ async def ops_server(host: str, port: int, probes: dict[str, Probe]) -> AsyncIte
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            status, content_type, body = await answer(method, path.split("?", 1)[0], probes)
+            status, content_type, body = await answer(
+                method, path.split("?", 1)[0], probes, metrics
+            )
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -127,13 +155,15 @@ async def ops_server(host: str, port: int, probes: dict[str, Probe]) -> AsyncIte
         await server.wait_closed()
 
 
-async def answer(method: str, path: str, probes: dict[str, Probe]) -> tuple[str, str, bytes]:
+async def answer(
+    method: str, path: str, probes: dict[str, Probe], metrics: Metrics
+) -> tuple[str, str, bytes]:
     if method != "GET":
         return "405 Method Not Allowed", "text/plain", b"GET only\n"
     if path == "/healthz":
         return "200 OK", "application/json", b'{"status": "ok"}\n'
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+        return "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
     if path == "/readyz":
         names = list(probes)
         results = await asyncio.gather(*(_probe(probes[name]) for name in names))

@@ -119,7 +119,8 @@ class MemoryStore:
 class ScriptedModel:
     """ChatModel that answers each prompt with `reply(prompt)` split into words.
 
-    `fail_with` raises after `fail_after` chunks; `gate` holds a session's stream until set.
+    `fail_with` raises after `fail_after` chunks; `gate` holds a session's stream until set;
+    `started` is set once a prompt has reached the model.
     """
 
     window: int = 4096
@@ -131,6 +132,7 @@ class ScriptedModel:
     counted: int = 0
     served_adapters: list[str] = field(default_factory=list)
     asked_adapters: list[str | None] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
     def reply(self, prompt: Sequence[PromptMessage]) -> str:
         return f"echo {len(prompt)}: {prompt[-1].content}"
@@ -154,6 +156,7 @@ class ScriptedModel:
     ) -> AsyncIterator[Chunk]:
         self.prompts.append(list(prompt))
         self.asked_adapters.append(adapter)
+        self.started.set()
         if session in self.gates:
             await self.gates[session].wait()
         words = self.reply(prompt).split(" ")

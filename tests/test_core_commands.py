@@ -19,7 +19,8 @@ from bots.core.models import (
     ReplyPart,
     Role,
 )
-from bots.core.service import ChatPolicy, ConversationService, wait_text
+from bots.core.notices import wait_text
+from bots.core.service import ChatPolicy, ConversationService
 from tests.fakes import MemoryLimiter, MemoryStore, ScriptedModel, collect, notices, text_of
 
 KEY = ConversationKey("test", "room")
@@ -195,7 +196,7 @@ async def test_when_every_slot_is_taken_users_are_told_they_are_queued() -> None
     model = ScriptedModel(gates={str(KEY): gate})
     service, _, _ = make(model, max_in_flight=1)
     first = asyncio.create_task(say(service, "first"))
-    await asyncio.sleep(0.01)
+    await model.started.wait()
     other = ConversationKey("test", "other")
     second = service.respond(Incoming(other, "second", author=BOB))
     async with aclosing(second) as parts:

@@ -176,7 +176,7 @@ async def test_replies_follow_call_order_not_consumption_order() -> None:
     first = service.respond(Incoming(KEY, "first"))
     second = service.respond(Incoming(KEY, "second"))
     later = asyncio.create_task(drain(second))  # starts consuming before the first
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn of the loop: it waits in line now
     await drain(first)
     await later
     assert [t.content for t in store.turns[KEY]][::2] == ["first", "second"]
@@ -195,13 +195,14 @@ async def test_leaving_the_line_early_keeps_the_order_for_those_behind() -> None
     model = ScriptedModel(gates={str(KEY): asyncio.Event()})
     service, store, _ = make(model)
     running = asyncio.create_task(collect(service, Incoming(KEY, "one")))
-    await asyncio.sleep(0.01)
+    await model.started.wait()
     quitter = service.respond(Incoming(KEY, "two"))
     waiting = asyncio.create_task(drain(quitter))
     third = asyncio.create_task(collect(service, Incoming(KEY, "three")))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn of the loop: both wait in line now
     waiting.cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.wait({waiting})
+    await asyncio.sleep(0)  # a turn in which the third could (wrongly) move up
     assert not third.done(), "the third still waits for the first"
     model.gates[str(KEY)].set()
     await asyncio.gather(running, third)

@@ -14,8 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bots.core.commands import COMMANDS
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
+from bots.delivery.inflight import RESTART_NOTICE, InFlight
 from bots.delivery.split import split_message
 from bots.platforms.discord import (
     INTENT_HELP,
@@ -25,7 +27,6 @@ from bots.platforms.discord import (
     run_discord,
     shard_of,
 )
-from bots.platforms.inflight import RESTART_NOTICE
 from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
 from tests.conftest import start_bots
@@ -72,6 +73,7 @@ class Bot:
     fake: FakeDiscord
     model: FixedModel
     store: RedisContextStore
+    in_flight: InFlight
 
     def sent(self, channel: int) -> list[str]:
         return [
@@ -110,13 +112,9 @@ class Bot:
         return message
 
     async def settle(self, channel: int, count: int = 1, within: float = 15.0) -> None:
-        """Wait for `count` replies in `channel`, then until Discord hears nothing for a while."""
+        """Wait for `count` replies in `channel`, then until every reply is delivered."""
         await self.fake.wait_for(lambda: len(self.sent(channel)) >= count, within)
-        while True:
-            seen = len(self.fake.calls)
-            await asyncio.sleep(1.5)
-            if len(self.fake.calls) == seen:
-                return
+        await asyncio.wait_for(self.in_flight.idle(), within)
 
     async def command_answer(self, count: int = 1) -> str:
         """The private answer to the `count`-th slash command."""
@@ -153,12 +151,11 @@ async def bot(
         configured = settings.model_copy(
             update={"api_base_url": fake.api_base, "gateway_url": fake.gateway_url}
         )
-        service = ConversationService(store, model)
-        running = asyncio.create_task(run_discord(service, configured))
+        service, in_flight = ConversationService(store, model), InFlight()
+        running = asyncio.create_task(run_discord(service, configured, in_flight))
         await asyncio.wait_for(fake.identified.wait(), 10)
         await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 10)
-        await asyncio.sleep(0.2)
-        yield Bot(fake, model, store)
+        yield Bot(fake, model, store, in_flight)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
@@ -500,16 +497,18 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
                 "shutdown_seconds": grace,
             }
         )
-        running = asyncio.create_task(run_discord(ConversationService(store, model), configured))
+        in_flight = InFlight()
+        service = ConversationService(store, model)
+        running = asyncio.create_task(run_discord(service, configured, in_flight))
         await asyncio.wait_for(fake.identified.wait(), 10)
-        bot = Bot(fake, model, store)
+        bot = Bot(fake, model, store, in_flight)
         await bot.say(DM_CHANNEL_ID, "tell me")
         if gated:
             await fake.wait_for(lambda: bool(fake.calls_to("POST", "/typing")), 10)
         else:
             await fake.wait_for(lambda: bool(bot.sent(DM_CHANNEL_ID)), 10)
         running.cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(in_flight.stopping(), 10)
         with contextlib.suppress(aiohttp.ClientConnectionResetError):  # the gateway may be gone
             await bot.say(DM_CHANNEL_ID, "anyone there?")  # while stopping: not taken
         await asyncio.gather(running, return_exceptions=True)
@@ -521,3 +520,50 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
         assert bot.shown(DM_CHANNEL_ID) == ["one two three four five six seven eight"]
         assert [t.content for t in turns] == ["tell me", "one two three four five six seven eight"]
     assert len(model.prompts) == 1
+
+
+async def test_slash_commands_are_the_core_s_command_table(bot: Bot) -> None:
+    (put,) = bot.fake.calls_to("PUT", "/commands")
+    registered = {command["name"]: command for command in put.body}
+    assert list(registered) == [spec.name for spec in COMMANDS]
+    for spec in COMMANDS:
+        assert registered[spec.name]["description"] == spec.summary
+    persona = {sub["name"]: sub for sub in registered["persona"]["options"]}
+    assert list(persona) == ["show", "set", "clear"] and {o["type"] for o in persona.values()} == {
+        1
+    }
+    (text,) = persona["set"]["options"]
+    assert (text["name"], text["type"], text["required"]) == ("text", 3, True)
+    (choice,) = registered["collect"]["options"]
+    assert [c["value"] for c in choice["choices"]] == ["on", "off"] and not choice.get("required")
+    (name,) = registered["adapter"]["options"]
+    assert name["name"] == "name" and name["description"].startswith("an adapter's name")
+    assert "options" not in registered["reset"] or not registered["reset"]["options"]
+
+
+async def test_slash_command_options_reach_the_core_as_its_command_text(bot: Bot) -> None:
+    option = {"name": "choice", "type": 3, "value": "on"}
+    collect = interaction("collect", CHANNEL_ID, permissions=MANAGE_CHANNELS, options=[option])
+    await bot.fake.dispatch("INTERACTION_CREATE", collect)
+    assert await bot.command_answer() == (
+        "This conversation may be exported to train me (as an admin chose)."
+    )
+    await bot.fake.dispatch("INTERACTION_CREATE", interaction("adapter", CHANNEL_ID))
+    assert await bot.command_answer(2) == (
+        "I answer here with the base model. Served adapters: none."
+    )
+
+
+async def test_an_edit_is_read_like_a_new_message_and_cut_like_one(
+    bot: Bot, store: RedisContextStore
+) -> None:
+    first = await bot.say(CHANNEL_ID, f"<@{BOT_ID}> hello", mentions=[BOT_MENTION])
+    await bot.settle(CHANNEL_ID)
+    key = ConversationKey("discord", f"{GUILD_ID}/{CHANNEL_ID}")
+    edited = {**first, "content": f"<@{BOT_ID}> hello again"}
+    await bot.fake.dispatch("MESSAGE_UPDATE", edited)
+    for _ in range(50):  # the edit lands in Redis with no reply to wait for
+        if (turns := await store.load(key))[0].content != "hello":
+            break
+        await asyncio.sleep(0.1)
+    assert turns[0].content == "hello again", "no @Parley left in the text"

@@ -6,11 +6,9 @@ import asyncio
 import json
 import os
 import signal
-import uuid
 from pathlib import Path
 
 import httpx
-from prometheus_client import REGISTRY
 
 from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.ports import ModelUnavailable
@@ -24,15 +22,10 @@ from tests.fakes import MemoryLimiter, MemoryStore, ScriptedModel, collect
 ADA = person(4242, "Ada")
 
 
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 async def test_metrics_count_what_the_service_does() -> None:
-    platform = f"test{uuid.uuid4().hex[:8]}"  # a label of its own: the registry is global
-    model = ScriptedModel()
+    platform, model, metrics = "test", ScriptedModel(), Metrics()
     service = ConversationService(
-        MemoryStore(), model, limiter=MemoryLimiter(limit=2), observer=Metrics()
+        MemoryStore(), model, limiter=MemoryLimiter(limit=2), observer=metrics
     )
 
     def message(text: str, user: str = "ada") -> Incoming:
@@ -45,13 +38,15 @@ async def test_metrics_count_what_the_service_does() -> None:
     model.fail_with = ModelUnavailable("down")
     await collect(service, message("four", user="bob"))
 
-    assert sample("parley_messages_received_total", platform=platform) == 5
-    assert sample("parley_messages_answered_total", platform=platform) == 3
-    assert sample("parley_rate_limited_total", platform=platform, reason="rate_limited") == 1
-    assert sample("parley_errors_total", platform=platform, kind="model_unavailable") == 1
-    assert sample("parley_time_to_first_token_seconds_count", platform=platform) == 2
-    assert sample("parley_reply_seconds_count", platform=platform) == 5
-    assert sample("parley_replies_in_flight", platform=platform) == 0
+    assert metrics.sample("parley_messages_received_total", platform=platform) == 5
+    assert metrics.sample("parley_messages_answered_total", platform=platform) == 3
+    assert (
+        metrics.sample("parley_rate_limited_total", platform=platform, reason="rate_limited") == 1
+    )
+    assert metrics.sample("parley_errors_total", platform=platform, kind="model_unavailable") == 1
+    assert metrics.sample("parley_time_to_first_token_seconds_count", platform=platform) == 2
+    assert metrics.sample("parley_reply_seconds_count", platform=platform) == 5
+    assert metrics.sample("parley_replies_in_flight", platform=platform) == 0
 
 
 async def test_the_ops_endpoints_answer_health_readiness_and_metrics() -> None:
@@ -67,7 +62,9 @@ async def test_the_ops_endpoints_answer_health_readiness_and_metrics() -> None:
         raise ConnectionError("refused")
 
     probes: dict[str, Probe] = {"redis": up, "model": model, "other": up}
-    async with ops_server("127.0.0.1", port, probes), httpx.AsyncClient() as client:
+    exported = Metrics()
+    exported.received("console")
+    async with ops_server("127.0.0.1", port, probes, exported), httpx.AsyncClient() as client:
         url = f"http://127.0.0.1:{port}"
         assert (await client.get(f"{url}/healthz")).json() == {"status": "ok"}
         ready = await client.get(f"{url}/readyz")
@@ -79,6 +76,7 @@ async def test_the_ops_endpoints_answer_health_readiness_and_metrics() -> None:
         assert (await client.get(f"{url}/readyz")).json()["other"] is False
         metrics = await client.get(f"{url}/metrics")
         assert metrics.status_code == 200 and "parley_messages_received_total" in metrics.text
+        assert 'parley_messages_received_total{platform="console"} 1.0' in metrics.text
         assert (await client.get(f"{url}/nothing")).status_code == 404
         assert (await client.post(f"{url}/healthz")).status_code == 405
 

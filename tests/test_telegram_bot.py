@@ -9,12 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
 
+from bots.core.commands import COMMANDS
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
+from bots.delivery.inflight import RESTART_NOTICE, InFlight
 from bots.delivery.split import split_message
-from bots.platforms.inflight import RESTART_NOTICE
+from bots.ops import Metrics
 from bots.platforms.telegram import run_telegram
 from bots.settings import TelegramSettings
 from bots.store.redis import RedisContextStore
@@ -46,22 +47,17 @@ class Bot:
     fake: FakeTelegram
     model: FixedModel
     store: RedisContextStore
+    in_flight: InFlight
+    metrics: Metrics
 
     async def say(self, chat: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
         sender = extra.pop("sender", ADA)
         return await self.fake.push({"chat": chat, "from": sender, "text": text, **extra})
 
     async def settle(self, chat_id: int, count: int = 1, within: float = 20.0) -> None:
-        """Wait for `count` replies in the chat, then until the bot is quiet."""
+        """Wait for `count` replies in the chat, then until every reply is delivered."""
         await self.fake.wait_for(lambda: len(self.fake.sent[chat_id]) >= count, within)
-        while True:
-            seen = self.writes()
-            await asyncio.sleep(1.7)
-            if self.writes() == seen:
-                return
-
-    def writes(self) -> int:
-        return sum(c.method != "getUpdates" for c in self.fake.calls)
+        await asyncio.wait_for(self.in_flight.idle(), within)
 
 
 @pytest.fixture
@@ -73,12 +69,13 @@ def settings() -> TelegramSettings:
 async def bot(
     settings: TelegramSettings, store: RedisContextStore, request: pytest.FixtureRequest
 ) -> AsyncIterator[Bot]:
-    model = FixedModel(getattr(request, "param", echo))
+    model, in_flight, metrics = FixedModel(getattr(request, "param", echo)), InFlight(), Metrics()
     async with FakeTelegram() as fake:
         configured = settings.model_copy(update={"base_url": fake.base_url})
-        running = asyncio.create_task(run_telegram(ConversationService(store, model), configured))
+        service = ConversationService(store, model, observer=metrics)
+        running = asyncio.create_task(run_telegram(service, configured, in_flight))
         await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        yield Bot(fake, model, store)
+        yield Bot(fake, model, store, in_flight, metrics)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
@@ -102,6 +99,8 @@ async def test_a_private_chat_is_answered_in_html_with_typing_first(bot: Bot) ->
 async def test_commands_are_registered(bot: Bot) -> None:
     names = ["start", "reset", "retry", "usage", "persona", "adapter", "collect", "help"]
     assert [c["command"] for c in bot.fake.commands] == names
+    descriptions = [c["description"] for c in bot.fake.commands[1:]]
+    assert descriptions == [spec.summary for spec in COMMANDS], "the menu is the core's table"
 
 
 async def test_in_groups_only_mentions_replies_and_the_prefix_are_answered(bot: Bot) -> None:
@@ -176,17 +175,16 @@ async def test_if_telegram_still_refuses_the_html_the_text_goes_plain(bot: Bot) 
 async def test_flood_control_mid_stream_keeps_the_final_text(bot: Bot) -> None:
     bot.model.delay = 0.03
     bot.fake.edit_interval = 3.0
-    counted_before = platform_429s()
+    counted_before = platform_429s(bot)
     await bot.say(private_chat(ADA), "stream")
     await bot.settle(ADA["id"])
     assert bot.fake.too_many() >= 1, "the fake's flood control fired"
     assert bot.fake.shown(ADA["id"]) == [" ".join(f"w{i}" for i in range(120))]
-    assert platform_429s() - counted_before == bot.fake.too_many(), "each 429 is in the metric"
+    assert platform_429s(bot) - counted_before == bot.fake.too_many(), "each 429 is in the metric"
 
 
-def platform_429s() -> float:
-    labels = {"platform": "telegram"}
-    return REGISTRY.get_sample_value("parley_platform_rate_limited_total", labels) or 0.0
+def platform_429s(bot: Bot) -> float:
+    return bot.metrics.sample("parley_platform_rate_limited_total", platform="telegram")
 
 
 async def test_two_chats_at_once_and_two_messages_in_one_chat(bot: Bot) -> None:
@@ -325,9 +323,11 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
         configured = settings.model_copy(
             update={"base_url": fake.base_url, "shutdown_seconds": grace}
         )
-        running = asyncio.create_task(run_telegram(ConversationService(store, model), configured))
+        in_flight, metrics = InFlight(), Metrics()
+        service = ConversationService(store, model, observer=metrics)
+        running = asyncio.create_task(run_telegram(service, configured, in_flight))
         await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        bot = Bot(fake, model, store)
+        bot = Bot(fake, model, store, in_flight, metrics)
         await bot.say(private_chat(ADA), "tell me")
         if gated:
             await fake.wait_for(lambda: bool(fake.calls_to("sendChatAction")), 10)

@@ -161,3 +161,14 @@ class TokenUsage:
 
 ChannelOption = Literal["persona", "adapter", "collect"]
 """The options an admin sets for a channel, stored as text ("on"/"off" for collect)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    """Who an API key of the HTTP channel belongs to, and its own message quota."""
+
+    name: str
+    key_id: str  # the first characters of the key's hash: safe to log and to show
+    created: float
+    messages: int | None = None  # None: the channel's default quota
+    window: float | None = None

@@ -11,6 +11,7 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    Integration,
     NoticeKind,
     PromptMessage,
     TokenUsage,
@@ -131,6 +132,14 @@ class Limiter(Protocol):
         ...
 
 
+class ApiKeys(Protocol):
+    """The HTTP channel's API keys, looked up by the key a request presents."""
+
+    async def find(self, key: str) -> Integration | None:
+        """The integration a key belongs to, or None for an unknown or revoked key."""
+        ...
+
+
 class Observer(Protocol):
     """What the service reports as it works, for metrics (all calls must be cheap)."""
 
@@ -154,6 +163,10 @@ class Observer(Protocol):
         """Model requests in flight went up (1) or down (-1)."""
         ...
 
+    def platform_limited(self, platform: str) -> None:
+        """The platform's API answered a delivery call with a 429."""
+        ...
+
 
 class NoObserver:
     """An Observer that keeps nothing."""
@@ -171,4 +184,7 @@ class NoObserver:
         pass
 
     def model_calls(self, platform: str, change: int) -> None:
+        pass
+
+    def platform_limited(self, platform: str) -> None:
         pass

@@ -10,11 +10,10 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from bots.core.commands import HELP_TEXT, Command, parse_command
+from bots.core.commands import HELP_TEXT, Call, Command, find_command, parse_command, user_of
 from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
 from bots.core.line import ArrivalLine, Place
 from bots.core.models import (
-    Admission,
     ConversationKey,
     Incoming,
     Notice,
@@ -24,71 +23,20 @@ from bots.core.models import (
     Turn,
     Usage,
 )
+from bots.core.notices import NOT_SAVED, limited_notice, model_notice, notice
 from bots.core.ports import (
-    AdapterUnknown,
     ChatModel,
     ContextStore,
     Limiter,
     ModelError,
-    ModelInterrupted,
-    ModelRejected,
     NoObserver,
     Observer,
     StoreUnavailable,
 )
+from bots.core.prompt import system_of
 from bots.core.text import clean_name, is_blank, neutralize, sanitize, special_token_pattern
 
 log = logging.getLogger(__name__)
-
-RESET_TEXT = "Conversation forgotten; let's start over."
-
-_NOTICES = {
-    NoticeKind.EMPTY_MESSAGE: "Send me some text and I'll answer.",
-    NoticeKind.MESSAGE_SHORTENED: (
-        "Your message is longer than I can read at once; I read only its beginning."
-    ),
-    NoticeKind.MODEL_UNAVAILABLE: (
-        "The model is unavailable right now. Your message is kept; try again in a moment."
-    ),
-    NoticeKind.MODEL_REJECTED: (
-        "The model server refused the request; an operator should check its configuration. "
-        "Your message is kept."
-    ),
-    NoticeKind.REPLY_INTERRUPTED: (
-        "The reply was cut off by the model server. Your message is kept; try again."
-    ),
-    NoticeKind.STORE_UNAVAILABLE: (
-        "I can't reach my conversation memory right now; try again in a moment."
-    ),
-    NoticeKind.QUEUED: "Many people are talking to me right now; you're in line.",
-}
-
-
-def notice(kind: NoticeKind, text: str | None = None, retry_after: float | None = None) -> Notice:
-    """Build the user-facing notice of a kind, with its standard text unless one is given."""
-    return Notice(kind, text if text is not None else _NOTICES[kind], retry_after)
-
-
-def wait_text(seconds: float) -> str:
-    """Say a wait the way people do: "12 s", "3 min", "5 h 20 min"."""
-    seconds = max(1, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    hours, minutes = divmod(-(-seconds // 60), 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
-
-
-def limited_notice(admission: Admission) -> Notice:
-    """Tell a refused user which limit they met and when to try again."""
-    wait = wait_text(admission.retry_after)
-    if admission.reason == "budget":
-        text = f"You've used today's tokens; the count starts again in {wait} (midnight UTC)."
-        return notice(NoticeKind.BUDGET_SPENT, text, admission.retry_after)
-    if admission.reason == "conversation":
-        text = f"This conversation is getting more messages than I can answer; try in {wait}."
-    else:
-        text = f"You're sending messages faster than I can answer; try again in {wait}."
-    return notice(NoticeKind.RATE_LIMITED, text, admission.retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +92,11 @@ class ConversationService:
         self._markers: re.Pattern[str] | None = None
 
     @property
+    def observer(self) -> Observer:
+        """Where this service reports what it does; platforms report their own events there."""
+        return self._observer
+
+    @property
     def active_conversations(self) -> int:
         return len(self._line)
 
@@ -158,8 +111,9 @@ class ConversationService:
         if edited.message_id is None:
             return False
         key = self.conversation_of(edited)
+        text, _ = self._cut(sanitize(edited.text))
         async with self._line.hold(key):
-            return await self._store.edit(key, edited.message_id, sanitize(edited.text))
+            return await self._store.edit(key, edited.message_id, text)
 
     async def forget(self, deleted: Incoming) -> bool:
         """Remove a deleted message (by its `message_id`) from the context; False if none."""
@@ -206,7 +160,7 @@ class ConversationService:
             else:
                 turn, cut = self._user_turn(incoming, text)
                 parts = self._reply(incoming, key, turn, cut=cut)
-            from_model = command is None or command.name == "retry"
+            from_model = command is None or _asks_model(command)
             async for part in parts:
                 if isinstance(part, Notice):
                     observer.noticed(platform, part.kind)
@@ -226,13 +180,17 @@ class ConversationService:
                 extra={"conversation": str(key)},
             )
 
+    def _cut(self, text: str) -> tuple[str, bool]:
+        """A user's text cut at `max_message_chars`, and whether it was."""
+        limit = self._policy.max_message_chars
+        if len(text) <= limit:
+            return text, False
+        return text[:limit] + SHORTENED_SUFFIX, True
+
     def _user_turn(self, incoming: Incoming, text: str) -> tuple[Turn, bool]:
         """The turn to store: the text cut at `max_message_chars` (and whether it was), the
         author named in groups."""
-        limit = self._policy.max_message_chars
-        cut = len(text) > limit
-        if cut:
-            text = text[:limit] + SHORTENED_SUFFIX
+        text, cut = self._cut(text)
         author = incoming.author
         name = clean_name(author.display_name) if incoming.in_group and author else None
         return Turn(Role.USER, text, name=name or None, message_id=incoming.message_id), cut
@@ -240,111 +198,37 @@ class ConversationService:
     async def _command(
         self, command: Command, incoming: Incoming, key: ConversationKey
     ) -> AsyncGenerator[ReplyPart, None]:
-        if command.name == "retry":
+        spec = find_command(command.name)
+        if spec is None:
+            yield f"I don't know /{command.name}.\n{HELP_TEXT}"
+            return
+        if spec.asks_model:  # /retry: the last message, answered again
             async for part in self._reply(incoming, key, None):
                 yield part
             return
+        chosen = spec.action_for(command.args)
+        if chosen is None:
+            yield spec.usage
+            return
+        action, word, text = chosen
+        if action.refuses(incoming, key):
+            yield action.refusal
+            return
+        call = Call(
+            incoming, key, word, text, self._store, self._model, self._limiter, self._policy
+        )
         try:
-            if command.name == "help":
-                yield HELP_TEXT
-            elif command.name == "reset":
-                yield await self._reset(incoming, key)
-            elif command.name == "usage":
-                yield await self._usage(incoming)
-            elif command.name == "persona":
-                yield await self._persona(command.args, incoming, key)
-            elif command.name == "adapter":
-                yield await self._adapter(command.args, incoming, key)
-            elif command.name == "collect":
-                yield await self._collect(command.args, incoming, key)
-            else:
-                yield f"I don't know /{command.name}.\n{HELP_TEXT}"
+            yield await action.run(call)
         except StoreUnavailable:
             yield notice(NoticeKind.STORE_UNAVAILABLE)
         except ModelError as error:
-            yield self._model_notice(error)
-
-    async def _reset(self, incoming: Incoming, key: ConversationKey) -> str:
-        shared = incoming.in_group and key.user is None
-        if shared and not incoming.is_admin:
-            return "Only admins can reset a conversation the whole group shares."
-        await self._store.clear(key)
-        return RESET_TEXT
-
-    async def _usage(self, incoming: Incoming) -> str:
-        user = _user_of(incoming)
-        if self._limiter is None or user is None:
-            return "Token use isn't counted here."
-        usage = await self._limiter.usage(user)
-        if usage.budget is None:
-            return f"You have used {usage.used:,} tokens today (UTC); there is no daily limit."
-        return (
-            f"You have used {usage.used:,} of your {usage.budget:,} tokens today; the count "
-            f"starts again in {wait_text(usage.resets_in)} (midnight UTC)."
-        )
-
-    async def _persona(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
-        action, _, text = args.replace("\n", " ", 1).partition(" ")
-        channel = key.channel_key
-        if action in ("", "show"):
-            persona = (await self._store.state(channel)).persona
-            if persona is None:
-                return "No persona is set here; I use the default system prompt."
-            return f"My persona here:\n{persona}"
-        if action not in ("set", "clear"):
-            return "Use /persona, /persona set <text> or /persona clear."
-        if incoming.in_group and not incoming.is_admin:
-            return "Only admins can change my persona in a group."
-        if action == "clear":
-            await self._store.set_option(channel, "persona", None)
-            return "Persona cleared; I use the default system prompt again."
-        persona = text.strip()
-        if not persona:
-            return "Say who I should be: /persona set <text>."
-        if len(persona) > self._policy.max_persona_chars:
-            return (
-                f"A persona can be at most {self._policy.max_persona_chars:,} characters; "
-                f"that one has {len(persona):,}."
-            )
-        await self._store.set_option(channel, "persona", persona)
-        return "Persona set; it applies from the next message."
-
-    async def _adapter(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
-        channel, name = key.channel_key, args.strip()
-        if not name:
-            current = (await self._store.state(channel)).adapter
-            answering = f"the adapter {current}" if current else "the base model"
-            return f"I answer here with {answering}. {_served(await self._model.adapters())}"
-        if incoming.in_group and not incoming.is_admin:
-            return "Only admins can choose the adapter in a group."
-        if name == "off":
-            await self._store.set_option(channel, "adapter", None)
-            return "I answer here with the base model again."
-        if name not in (served := await self._model.adapters()):
-            return f"No adapter is served as {name}. {_served(served)}"
-        await self._store.set_option(channel, "adapter", name)
-        return f"I answer here with the adapter {name} from the next message."
-
-    async def _collect(self, args: str, incoming: Incoming, key: ConversationKey) -> str:
-        channel, choice = key.channel_key, args.strip().lower()
-        if choice in ("on", "off"):
-            if incoming.in_group and not incoming.is_admin:
-                return "Only admins can change whether a group's conversation is collected."
-            await self._store.set_option(channel, "collect", choice)
-        elif choice:
-            return "Use /collect, /collect on or /collect off."
-        chosen = (await self._store.state(channel)).collect
-        collected = self._policy.collect_default if chosen is None else chosen
-        how = "by default" if chosen is None else "as an admin chose"
-        if collected:
-            return f"This conversation may be exported to train me ({how})."
-        return f"This conversation is not exported for training ({how})."
+            yield model_notice(error)
 
     async def _reply(
         self, incoming: Incoming, key: ConversationKey, turn: Turn | None, *, cut: bool = False
     ) -> AsyncGenerator[ReplyPart, None]:
         """Answer `turn`, or with None answer the last user turn again (/retry)."""
-        user = _user_of(incoming)
+        user = user_of(incoming)
         replacing: int | None = None
         try:
             if self._limiter is not None:
@@ -364,9 +248,8 @@ class ConversationService:
             adapter = channel.adapter
             budget = await self._model.context_window() - self._policy.reply_tokens
             markers = await self._special_tokens()
-            persona = channel.persona
             fitted = await self._fitter.fit(
-                persona if persona is not None else self._policy.system_prompt,
+                system_of(channel.persona, self._policy.system_prompt),
                 history,
                 turn,
                 window_start=state.window_start,
@@ -380,7 +263,7 @@ class ConversationService:
         except ModelError as error:
             if turn is not None and replacing is None:
                 await self._keep_user_turn(key, turn)
-            yield self._model_notice(error)
+            yield model_notice(error)
             return
         if fitted.shortened or cut:
             yield notice(NoticeKind.MESSAGE_SHORTENED)
@@ -413,7 +296,7 @@ class ConversationService:
             except ModelError as error:
                 if replacing is None:
                     await self._keep_user_turn(key, user_turn)
-                yield self._model_notice(error)
+                yield model_notice(error)
                 return
             finally:
                 self._observer.model_calls(key.platform, -1)
@@ -424,10 +307,7 @@ class ConversationService:
             )
         except StoreUnavailable:
             log.warning("reply not recorded: store unavailable", extra={"conversation": str(key)})
-            yield notice(
-                NoticeKind.STORE_UNAVAILABLE,
-                "I couldn't save this exchange, so I may not remember it.",
-            )
+            yield notice(NoticeKind.STORE_UNAVAILABLE, NOT_SAVED)
         if self._limiter is not None and user is not None and usage is not None:
             try:
                 await self._limiter.charge(user, usage.prompt_tokens + usage.completion_tokens)
@@ -448,26 +328,10 @@ class ConversationService:
                 "user turn not recorded: store unavailable", extra={"conversation": str(key)}
             )
 
-    @staticmethod
-    def _model_notice(error: ModelError) -> Notice:
-        log.warning("model call failed: %s", error)
-        if isinstance(error, AdapterUnknown):
-            text = "The adapter chosen here is not served any more; an admin can pick another."
-            return notice(NoticeKind.MODEL_REJECTED, text + " Your message is kept.")
-        if isinstance(error, ModelRejected):
-            return notice(NoticeKind.MODEL_REJECTED)
-        if isinstance(error, ModelInterrupted):
-            return notice(NoticeKind.REPLY_INTERRUPTED)
-        return notice(NoticeKind.MODEL_UNAVAILABLE)
 
-
-def _user_of(incoming: Incoming) -> str | None:
-    """Name the sender for limits and budgets: ids are only unique within a platform."""
-    return f"{incoming.key.platform}:{incoming.author.id}" if incoming.author else None
-
-
-def _served(adapters: list[str]) -> str:
-    return f"Served adapters: {', '.join(adapters) or 'none'}."
+def _asks_model(command: Command) -> bool:
+    spec = find_command(command.name)
+    return spec is not None and spec.asks_model
 
 
 def _last_user_turn(history: Sequence[Turn]) -> int | None:

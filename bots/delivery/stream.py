@@ -135,13 +135,11 @@ class StreamingDelivery(Generic[Ref]):
         shared: Sequence[CallWindow] = (),
         after: Place | None = None,
         on_rate_limited: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
         self._on_rate_limited = on_rate_limited
         self._limits = limits
         self._show_reasoning = show_reasoning
-        self._clock = clock
         self._text = ""
         self._shown: list[tuple[Ref, str]] = []
         self._next_update = 0.0
@@ -187,22 +185,22 @@ class StreamingDelivery(Generic[Ref]):
 
     async def _finish(self) -> None:
         """Deliver the final text, however long the budgets and the platform make us wait."""
-        give_up_at = self._clock() + FINAL_DEADLINE_S
+        give_up_at = time.monotonic() + FINAL_DEADLINE_S
         while True:
             delay = self._wait_before(final=True)
             if delay > 0:
                 await asyncio.sleep(delay)
             if await self._update(final=True):
                 break
-            if self._clock() > give_up_at:
+            if time.monotonic() > give_up_at:
                 log.error("final text not delivered after %.0f s", FINAL_DEADLINE_S)
                 break
-        self.report.finished_at = self._clock()
+        self.report.finished_at = time.monotonic()
         self.report.messages = len(self._shown)
 
     def _spend_call(self, *, final: bool) -> None:
         """Count a call against every window, or refuse it until they all have room."""
-        now = self._clock()
+        now = time.monotonic()
         wait = max(window.wait(now, final=final) for window in self._windows)
         if wait > 0:
             raise _OverBudget(wait)
@@ -211,7 +209,7 @@ class StreamingDelivery(Generic[Ref]):
 
     def _wait_before(self, *, final: bool) -> float:
         """Seconds until the next update may go out: paced, or for the final one, in budget."""
-        now = self._clock()
+        now = time.monotonic()
         wait = max(self._next_update - now, *(w.wait(now, final=final) for w in self._windows))
         if not final:
             wait = max(wait, self._last_update + self._limits.edit_interval - now)
@@ -237,13 +235,13 @@ class StreamingDelivery(Generic[Ref]):
                     self._shown.append((await self._sink.send(text), text))
                     self.report.sends += 1
         except _OverBudget as over:
-            self._next_update = self._clock() + over.wait
+            self._next_update = time.monotonic() + over.wait
             return False
         except RateLimited as limited:
             self.report.rate_limited += 1
             if self._on_rate_limited is not None:  # e.g. the platform's 429 metric
                 self._on_rate_limited()
-            self._next_update = self._clock() + limited.retry_after
+            self._next_update = time.monotonic() + limited.retry_after
             return False
-        self._last_update = self._clock()
+        self._last_update = time.monotonic()
         return True

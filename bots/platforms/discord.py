@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import inspect
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 import yarl
@@ -16,20 +17,22 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bots.core.commands import HELP_TEXT
-from bots.core.line import ArrivalLine
-from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
+from bots.core.commands import COMMANDS, HELP_TEXT, Option
+from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
-from bots.delivery.stream import Limits, RateLimited, StreamingDelivery
-from bots.ops import platform_rate_limited
+from bots.delivery.inflight import InFlight
+from bots.delivery.reply import ChatReplies, ChatStyle
+from bots.delivery.stream import Limits, RateLimited
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.inflight import InFlight
 from bots.settings import DiscordSettings
 
 log = logging.getLogger(__name__)
 
 # 2000 characters a message; Discord allows about 5 edits per 5 s per message.
 DISCORD_LIMITS = Limits(max_chars=2000, edit_interval=1.25, burst=5, window=5.0)
+# Notices in Discord's small grey subtext; "typing…" lasts 10 s, discord.py renews it every 5.
+DISCORD_STYLE = ChatStyle("discord", DISCORD_LIMITS, notice="-# {}".format, typing_every=5.0)
+HOW_TO_ASK = "Mention me, reply to me, or DM me."
 # Model output must never notify anyone: no @everyone, @here, role, user or reply pings.
 NO_PINGS = discord.AllowedMentions.none()
 INTENT_HELP = (
@@ -109,36 +112,32 @@ class ChannelSink:
             raise RateLimited(limited.retry_after) from limited
 
 
-async def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
-    """Turn notices into Discord's small grey subtext; pass model text through."""
-    separator = ""
-    async for part in parts:
-        yield f"{separator}-# {part.text}\n" if isinstance(part, Notice) else part
-        separator = "\n"
+def typing_in(channel: discord.abc.Messageable) -> Callable[[], Awaitable[None]]:
+    """Show "typing…" in a channel once; a refusal only means no indicator."""
 
+    async def show() -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await channel.typing()
 
-async def typing_until_first(
-    channel: discord.abc.Messageable, parts: AsyncIterator[str]
-) -> AsyncIterator[str]:
-    """Show "typing…" until the first piece of the reply arrives."""
-    async with channel.typing():
-        first = await anext(parts, None)
-    if first is None:
-        return
-    yield first
-    async for part in parts:
-        yield part
+    return show
 
 
 class DiscordChat:
     """Translate Discord messages into the core's types, and replies back into messages."""
 
-    def __init__(self, service: ConversationService, settings: DiscordSettings) -> None:
+    def __init__(
+        self,
+        service: ConversationService,
+        settings: DiscordSettings,
+        in_flight: InFlight | None = None,
+    ) -> None:
         self._service = service
         self._settings = settings
         self._policy = AccessPolicy(settings)
-        self._replies = ArrivalLine()
-        self.in_flight = InFlight()
+        self._replies = ChatReplies(
+            service, DISCORD_STYLE, show_reasoning=settings.show_reasoning, in_flight=in_flight
+        )
+        self.in_flight = self._replies.in_flight
 
     def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Answer DMs, mentions, replies to the bot, and every message in open channels."""
@@ -183,11 +182,8 @@ class DiscordChat:
             return
         member = message.author if isinstance(message.author, discord.Member) else None
         permissions = message.channel.permissions_for(member) if member else None
-        incoming = self.as_incoming(
-            message,
-            self.text_of(message, me),
-            is_admin=self.is_admin(message.author, permissions),
-        )
+        is_admin = self.is_admin(message.author, permissions)
+        incoming = self.incoming_of(message, me, is_admin=is_admin)
         await self._deliver(incoming, message.channel, reply_to=message)
 
     async def _deliver(
@@ -197,20 +193,12 @@ class DiscordChat:
         *,
         reply_to: discord.Message | None = None,
     ) -> None:
-        if self.in_flight.closing:  # stopping: the message stays unanswered, not half
-            return
-        # Both take their places in line now, before any await: arrival order.
-        parts = render(self._service.respond(incoming))
-        delivery = StreamingDelivery(
-            ChannelSink(channel, reply_to),
-            DISCORD_LIMITS,
-            show_reasoning=self._settings.show_reasoning,
-            after=self._replies.join(incoming.key.channel_key),
-            on_rate_limited=functools.partial(platform_rate_limited, "discord"),
-        )
         try:
-            await self.in_flight.deliver(
-                delivery.run(typing_until_first(channel, parts)), channel.send
+            await self._replies.answer(
+                incoming,
+                ChannelSink(channel, reply_to),
+                typing=typing_in(channel),
+                say=channel.send,
             )
         except discord.HTTPException as error:  # e.g. no permission to post in the channel
             log.warning(
@@ -220,7 +208,7 @@ class DiscordChat:
                 extra={"conversation": str(incoming.key)},
             )
 
-    def incoming_of(self, interaction: discord.Interaction, text: str) -> Incoming:
+    def command_incoming(self, interaction: discord.Interaction, text: str) -> Incoming:
         """Read a slash command as the core's command text, from the interaction's user."""
         guild, user = interaction.guild_id, interaction.user
         return Incoming(
@@ -233,44 +221,104 @@ class DiscordChat:
 
     async def command(self, interaction: discord.Interaction, text: str) -> None:
         """Answer a slash command privately (only its user sees the answer)."""
-        parts = render(self._service.respond(self.incoming_of(interaction, text)))
-        answer = "".join([part async for part in parts]).strip()
+        answer = await self._replies.text(self.command_incoming(interaction, text))
         await interaction.response.send_message(
             answer[: DISCORD_LIMITS.max_chars], ephemeral=True, allowed_mentions=NO_PINGS
         )
 
-    async def retry(self, interaction: discord.Interaction) -> None:
+    async def retry(self, interaction: discord.Interaction, text: str) -> None:
         """Answer the user's last message again, in the channel for everyone to see."""
         await interaction.response.send_message(
             "Answering your last message again.", ephemeral=True, allowed_mentions=NO_PINGS
         )
         channel = interaction.channel
         if isinstance(channel, discord.abc.Messageable):
-            await self._deliver(self.incoming_of(interaction, "/retry"), channel)
+            await self._deliver(self.command_incoming(interaction, text), channel)
 
-    def as_incoming(
-        self, message: discord.Message, text: str, *, is_admin: bool = False
+    async def help(self, interaction: discord.Interaction, text: str) -> None:
+        """Say how to address the bot, and the commands."""
+        await interaction.response.send_message(
+            f"{HOW_TO_ASK}\n{HELP_TEXT}", ephemeral=True, allowed_mentions=NO_PINGS
+        )
+
+    def incoming_of(
+        self, message: discord.Message, me: discord.ClientUser, *, is_admin: bool = False
     ) -> Incoming:
+        """Translate a message, new or edited, into the core's type."""
         return Incoming(
             self.key_of(message),
-            text,
+            self.text_of(message, me),
             author=Author(str(message.author.id), message.author.display_name),
             in_group=message.guild is not None,
             message_id=str(message.id),
             is_admin=is_admin,
         )
 
-    async def on_edit(self, message: discord.Message) -> None:
-        await self._service.edit(self.as_incoming(message, message.clean_content))
+    async def on_edit(self, message: discord.Message, me: discord.ClientUser) -> None:
+        await self._service.edit(self.incoming_of(message, me))
 
-    async def on_delete(self, payload: discord.RawMessageDeleteEvent, channel: object) -> None:
+    async def on_delete(
+        self, payload: discord.RawMessageDeleteEvent, channel: object, me: discord.ClientUser
+    ) -> None:
         """Forget a deleted message; its author (for per-member conversations) if cached."""
         if payload.cached_message is not None:
-            deleted = self.as_incoming(payload.cached_message, "")
+            deleted = self.incoming_of(payload.cached_message, me)
         else:
             key = conversation_of(channel, payload.guild_id, payload.channel_id)
             deleted = Incoming(key, "", message_id=str(payload.message_id))
         await self._service.forget(deleted)
+
+
+SlashCommand = app_commands.Command[Any, ..., None] | app_commands.Group
+SlashRun = Callable[[discord.Interaction, str], Awaitable[None]]
+
+
+def slash_commands(chat: DiscordChat) -> list[SlashCommand]:
+    """Discord's slash commands, made from the core's command table."""
+    made: list[SlashCommand] = []
+    for spec in COMMANDS:
+        if spec.subcommands:
+            group = app_commands.Group(name=spec.name, description=spec.summary)
+            for action in spec.actions:
+                if action.word:
+                    text = f"/{spec.name} {action.word}"
+                    group.add_command(
+                        _slash(action.word, action.summary, action.option, text, chat.command)
+                    )
+            made.append(group)
+            continue
+        run = chat.retry if spec.asks_model else chat.help if spec.name == "help" else chat.command
+        made.append(_slash(spec.name, spec.summary, spec.option, f"/{spec.name}", run))
+    return made
+
+
+def _slash(
+    name: str, summary: str, option: Option | None, text: str, run: SlashRun
+) -> app_commands.Command[Any, ..., None]:
+    """One slash command that runs `text`, with the option's value after it."""
+
+    async def callback(interaction: discord.Interaction, **values: str | None) -> None:
+        value = values.get(option.name) if option else None
+        await run(interaction, f"{text} {value}" if value else text)
+
+    parameters = [
+        inspect.Parameter(
+            "interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction
+        )
+    ]
+    if option is not None:  # discord.py reads the options from the callback's signature
+        kind: Any = Literal.__getitem__(option.choices) if option.choices else str
+        parameters.append(
+            inspect.Parameter(
+                option.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=kind if option.required else kind | None,
+                default=inspect.Parameter.empty if option.required else None,
+            )
+        )
+        callback = app_commands.describe(**{option.name: option.summary})(callback)
+    callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return app_commands.Command(name=name, description=summary, callback=callback)
 
 
 class ParleyDiscord(discord.Client):
@@ -288,52 +336,8 @@ class ParleyDiscord(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        chat = self.chat
-
-        @self.tree.command(name="reset", description="Forget this conversation")
-        async def reset(interaction: discord.Interaction) -> None:
-            await chat.command(interaction, "/reset")
-
-        @self.tree.command(name="retry", description="Answer my last message again")
-        async def retry(interaction: discord.Interaction) -> None:
-            await chat.retry(interaction)
-
-        @self.tree.command(name="usage", description="My tokens today")
-        async def usage(interaction: discord.Interaction) -> None:
-            await chat.command(interaction, "/usage")
-
-        persona = app_commands.Group(name="persona", description="Who Parley is here")
-
-        @persona.command(name="show", description="Show the persona of this conversation")
-        async def show(interaction: discord.Interaction) -> None:
-            await chat.command(interaction, "/persona show")
-
-        @persona.command(name="set", description="Set the persona (admins)")
-        async def set_(interaction: discord.Interaction, text: str) -> None:
-            await chat.command(interaction, f"/persona set {text}")
-
-        @persona.command(name="clear", description="Back to the default system prompt (admins)")
-        async def clear(interaction: discord.Interaction) -> None:
-            await chat.command(interaction, "/persona clear")
-
-        self.tree.add_command(persona)
-
-        @self.tree.command(name="adapter", description="Show or choose the fine-tuned model")
-        @app_commands.describe(name="an adapter's name, or off for the base model")
-        async def adapter(interaction: discord.Interaction, name: str = "") -> None:
-            await chat.command(interaction, f"/adapter {name}")
-
-        @self.tree.command(name="collect", description="May this conversation train Parley?")
-        async def collect(
-            interaction: discord.Interaction, choice: Literal["on", "off"] | None = None
-        ) -> None:
-            await chat.command(interaction, f"/collect {choice or ''}")
-
-        @self.tree.command(name="help", description="How to talk to Parley")
-        async def help_(interaction: discord.Interaction) -> None:
-            text = "Mention me, reply to me, or DM me.\n" + HELP_TEXT
-            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
-
+        for command in slash_commands(self.chat):
+            self.tree.add_command(command)
         await self.tree.sync()
 
     async def on_ready(self) -> None:
@@ -345,10 +349,12 @@ class ParleyDiscord(discord.Client):
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if not payload.message.author.bot:
-            await self.chat.on_edit(payload.message)
+            assert self.user is not None
+            await self.chat.on_edit(payload.message, self.user)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self.chat.on_delete(payload, self.get_channel(payload.channel_id))
+        assert self.user is not None
+        await self.chat.on_delete(payload, self.get_channel(payload.channel_id), self.user)
 
 
 def use_endpoints(settings: DiscordSettings) -> None:
@@ -390,16 +396,19 @@ def shard_of(settings: DiscordSettings, hostname: str | None = None) -> tuple[in
     return ids[0], settings.shard_count
 
 
-async def run_discord(service: ConversationService, settings: DiscordSettings) -> None:
+async def run_discord(
+    service: ConversationService, settings: DiscordSettings, in_flight: InFlight | None = None
+) -> None:
     """Run the bot until the connection ends or the task is cancelled.
 
     Then it takes no more messages, gives replies in progress DISCORD_SHUTDOWN_SECONDS to
-    finish, ends the rest with a notice, and closes its connections.
+    finish, ends the rest with a notice, and closes its connections. `in_flight` tracks
+    the replies being delivered (tests wait for it to be idle).
     """
     if settings.token is None:
         raise ValueError("DISCORD_TOKEN is not set")
     use_endpoints(settings)
-    chat = DiscordChat(service, settings)
+    chat = DiscordChat(service, settings, in_flight)
     client = ParleyDiscord(chat, shard_of(settings))
     async with client:  # on the way out, after the replies: close the connections
         try:

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 from telegram import BotCommand, Message, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
 from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
-from bots.core.commands import HELP_TEXT
-from bots.core.line import ArrivalLine
-from bots.core.models import Author, ConversationKey, Incoming, Notice, ReplyPart
+from bots.core.commands import COMMANDS, HELP_TEXT
+from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
-from bots.delivery.stream import CallWindow, Limits, RateLimited, StreamingDelivery
-from bots.ops import platform_rate_limited
+from bots.delivery.inflight import InFlight
+from bots.delivery.reply import ChatReplies, ChatStyle
+from bots.delivery.stream import CallWindow, Limits, RateLimited
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.inflight import InFlight
 from bots.platforms.telegram_markup import to_html
 from bots.settings import TelegramSettings
 
@@ -34,16 +32,14 @@ PER_CHAT_SECONDS = 1.05
 GROUP_PER_MINUTE = 20
 GROUP_RESERVE = 6  # of those 20, kept for final texts: streaming edits stop earlier
 KNOWN_CHATS = 10_000
-COMMANDS = [
+# Notices in italics; "typing…" lasts 5 s, so it is renewed every 4.
+TELEGRAM_STYLE = ChatStyle("telegram", TELEGRAM_LIMITS, notice="_{}_".format, typing_every=4.0)
+# The command menu: /start, which Telegram clients send first, then the core's commands.
+MENU = [
     BotCommand("start", "Start talking to Parley"),
-    BotCommand("reset", "Forget this conversation"),
-    BotCommand("retry", "Answer my last message again"),
-    BotCommand("usage", "My tokens today"),
-    BotCommand("persona", "Show or set (admins) who the bot is here"),
-    BotCommand("adapter", "Show or choose (admins) the fine-tuned model here"),
-    BotCommand("collect", "Show or set (admins) whether this chat may train the bot"),
-    BotCommand("help", "How to talk to Parley"),
+    *(BotCommand(spec.name, spec.summary) for spec in COMMANDS),
 ]
+HOW_TO_ASK = "In groups, mention me or reply to me."
 GROUP_ADMINS = (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
 START_TEXT = "Hi! Send me a message and I'll answer. /help lists what I understand."
 
@@ -108,23 +104,33 @@ def _seconds(retry_after: object) -> float:
     return float(total()) if callable(total) else float(retry_after)  # type: ignore[arg-type]
 
 
-async def render(parts: AsyncIterator[ReplyPart]) -> AsyncIterator[str]:
-    """Turn notices into italic lines; pass model text through."""
-    separator = ""
-    async for part in parts:
-        yield f"{separator}_{part.text}_\n" if isinstance(part, Notice) else part
-        separator = "\n"
+def typing_in(message: Message) -> Callable[[], Awaitable[None]]:
+    """Show "typing…" in the message's chat (and topic) once; a refusal only means none."""
+
+    async def show() -> None:
+        with contextlib.suppress(TelegramError):
+            await message.get_bot().send_chat_action(
+                message.chat.id, ChatAction.TYPING, message_thread_id=message.message_thread_id
+            )
+
+    return show
 
 
 class TelegramChat:
     """Translate Telegram updates into the core's types, and replies back into messages."""
 
-    def __init__(self, service: ConversationService, settings: TelegramSettings) -> None:
-        self._service = service
+    def __init__(
+        self,
+        service: ConversationService,
+        settings: TelegramSettings,
+        in_flight: InFlight | None = None,
+    ) -> None:
         self._settings = settings
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
-        self._replies = ArrivalLine()
-        self.in_flight = InFlight()
+        self._replies = ChatReplies(
+            service, TELEGRAM_STYLE, show_reasoning=settings.show_reasoning, in_flight=in_flight
+        )
+        self.in_flight = self._replies.in_flight
 
     def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
         """The per-chat budgets every reply in that chat shares (most recent chats kept)."""
@@ -166,9 +172,10 @@ class TelegramChat:
         text = self.addressed_text(message, context.bot.username)
         if text is None:
             return
-        # "@bot /reset" is a command too; only commands ask who is an admin.
-        is_admin = text.startswith("/") and await self.is_admin(message)
-        await self._answer(message, text, is_admin=is_admin)
+        with self.in_flight.track():  # from here on, a reply is under way
+            # "@bot /reset" is a command too; only commands ask who is an admin.
+            is_admin = text.startswith("/") and await self.is_admin(message)
+            await self._answer(message, text, is_admin=is_admin)
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Hand a command to the core, unless it is addressed to another bot (/cmd@other)."""
@@ -178,7 +185,8 @@ class TelegramChat:
         _, at, target = message.text.split(maxsplit=1)[0].partition("@")
         if at and target.lower() != context.bot.username.lower():
             return
-        await self._answer(message, message.text, is_admin=await self.is_admin(message))
+        with self.in_flight.track():  # from here on, a reply is under way
+            await self._answer(message, message.text, is_admin=await self.is_admin(message))
 
     async def is_admin(self, message: Message) -> bool:
         """An admin may change what a group shares: TELEGRAM_ADMINS, or the group's own."""
@@ -193,11 +201,10 @@ class TelegramChat:
             return False
         return member.status in GROUP_ADMINS
 
-    async def _answer(self, message: Message, text: str, *, is_admin: bool) -> None:
-        if self.in_flight.closing:  # stopping: the message stays unanswered, not half
-            return
+    def incoming_of(self, message: Message, text: str, *, is_admin: bool = False) -> Incoming:
+        """Translate a message into the core's type, with the text meant for the bot."""
         user = message.from_user
-        incoming = Incoming(
+        return Incoming(
             conversation_of(message),
             text,
             author=Author(str(user.id), user.full_name) if user else None,
@@ -205,18 +212,16 @@ class TelegramChat:
             message_id=str(message.message_id),
             is_admin=is_admin,
         )
-        # Both take their places in line now, before any await: arrival order.
-        parts = render(self._service.respond(incoming))
-        delivery = StreamingDelivery(
+
+    async def _answer(self, message: Message, text: str, *, is_admin: bool) -> None:
+        # Replies in a chat appear in the order asked, across its topics too.
+        await self._replies.answer(
+            self.incoming_of(message, text, is_admin=is_admin),
             ChatSink(message),
-            TELEGRAM_LIMITS,
-            show_reasoning=self._settings.show_reasoning,
+            typing=typing_in(message),
+            say=message.reply_text,
+            order=message.chat.id,
             shared=self.windows_for(message.chat.id, is_group(message)),
-            after=self._replies.join(message.chat.id),
-            on_rate_limited=functools.partial(platform_rate_limited, "telegram"),
-        )
-        await self.in_flight.deliver(
-            delivery.run(typing_until_first(message, parts)), message.reply_text
         )
 
     async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -225,30 +230,10 @@ class TelegramChat:
 
     async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if update.effective_message and self.is_admitted(update.effective_message):
-            text = "In groups, mention me or reply to me.\n" + HELP_TEXT
-            await update.effective_message.reply_text(text)
+            await update.effective_message.reply_text(f"{HOW_TO_ASK}\n{HELP_TEXT}")
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.warning("error while handling a Telegram update: %r", context.error)
-
-
-async def typing_until_first(message: Message, parts: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Show "typing…" (renewed every 4 s, as Telegram drops it after 5) until the first text."""
-    first = asyncio.ensure_future(anext(parts, None))
-    while True:
-        with contextlib.suppress(TelegramError):  # typing is a courtesy, never a failure
-            await message.get_bot().send_chat_action(
-                message.chat.id, ChatAction.TYPING, message_thread_id=message.message_thread_id
-            )
-        done, _ = await asyncio.wait({first}, timeout=4.0)
-        if done:
-            break
-    head = first.result()
-    if head is None:
-        return
-    yield head
-    async for part in parts:
-        yield part
 
 
 def build_application(chat: TelegramChat, settings: TelegramSettings) -> Application:  # type: ignore[type-arg]
@@ -267,17 +252,20 @@ def build_application(chat: TelegramChat, settings: TelegramSettings) -> Applica
     return application
 
 
-async def run_telegram(service: ConversationService, settings: TelegramSettings) -> None:
+async def run_telegram(
+    service: ConversationService, settings: TelegramSettings, in_flight: InFlight | None = None
+) -> None:
     """Run the bot, by long polling or as a webhook, until the task is cancelled.
 
     Then it stops taking updates, gives replies in progress TELEGRAM_SHUTDOWN_SECONDS to
-    finish, and ends the rest with a notice.
+    finish, and ends the rest with a notice. `in_flight` tracks the replies being
+    delivered (tests wait for it to be idle).
     """
-    chat = TelegramChat(service, settings)
+    chat = TelegramChat(service, settings, in_flight)
     application = build_application(chat, settings)
     try:
         async with application:
-            await application.bot.set_my_commands(COMMANDS)
+            await application.bot.set_my_commands(MENU)
             await application.start()
             assert application.updater is not None
             if settings.webhook_url:

@@ -1,0 +1,75 @@
+"""What Parley itself tells users: notice texts, waits said plainly, failures explained."""
+
+from __future__ import annotations
+
+import logging
+
+from bots.core.models import Admission, Notice, NoticeKind
+from bots.core.ports import AdapterUnknown, ModelError, ModelInterrupted, ModelRejected
+
+log = logging.getLogger(__name__)
+
+_NOTICES = {
+    NoticeKind.EMPTY_MESSAGE: "Send me some text and I'll answer.",
+    NoticeKind.MESSAGE_SHORTENED: (
+        "Your message is longer than I can read at once; I read only its beginning."
+    ),
+    NoticeKind.MODEL_UNAVAILABLE: (
+        "The model is unavailable right now. Your message is kept; try again in a moment."
+    ),
+    NoticeKind.MODEL_REJECTED: (
+        "The model server refused the request; an operator should check its configuration. "
+        "Your message is kept."
+    ),
+    NoticeKind.REPLY_INTERRUPTED: (
+        "The reply was cut off by the model server. Your message is kept; try again."
+    ),
+    NoticeKind.STORE_UNAVAILABLE: (
+        "I can't reach my conversation memory right now; try again in a moment."
+    ),
+    NoticeKind.QUEUED: "Many people are talking to me right now; you're in line.",
+}
+NOT_SAVED = "I couldn't save this exchange, so I may not remember it."
+ADAPTER_GONE = (
+    "The adapter chosen here is not served any more; an admin can pick another. "
+    "Your message is kept."
+)
+
+
+def notice(kind: NoticeKind, text: str | None = None, retry_after: float | None = None) -> Notice:
+    """Build the user-facing notice of a kind, with its standard text unless one is given."""
+    return Notice(kind, text if text is not None else _NOTICES[kind], retry_after)
+
+
+def wait_text(seconds: float) -> str:
+    """Say a wait the way people do: "12 s", "3 min", "5 h 20 min"."""
+    seconds = max(1, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(-(-seconds // 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def limited_notice(admission: Admission) -> Notice:
+    """Tell a refused user which limit they met and when to try again."""
+    wait = wait_text(admission.retry_after)
+    if admission.reason == "budget":
+        text = f"You've used today's tokens; the count starts again in {wait} (midnight UTC)."
+        return notice(NoticeKind.BUDGET_SPENT, text, admission.retry_after)
+    if admission.reason == "conversation":
+        text = f"This conversation is getting more messages than I can answer; try in {wait}."
+    else:
+        text = f"You're sending messages faster than I can answer; try again in {wait}."
+    return notice(NoticeKind.RATE_LIMITED, text, admission.retry_after)
+
+
+def model_notice(error: ModelError) -> Notice:
+    """Tell the user what a failed model call means for them (and log it)."""
+    log.warning("model call failed: %s", error)
+    if isinstance(error, AdapterUnknown):
+        return notice(NoticeKind.MODEL_REJECTED, ADAPTER_GONE)
+    if isinstance(error, ModelRejected):
+        return notice(NoticeKind.MODEL_REJECTED)
+    if isinstance(error, ModelInterrupted):
+        return notice(NoticeKind.REPLY_INTERRUPTED)
+    return notice(NoticeKind.MODEL_UNAVAILABLE)
