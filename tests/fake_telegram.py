@@ -123,6 +123,7 @@ class FakeTelegram:
     sent: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))  # bot's ids
     webhook: dict[str, Any] = field(default_factory=dict)
     group_owners: set[int] = field(default_factory=set)  # getChatMember says "creator"
+    _polls_ended: bool = False
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
@@ -264,13 +265,20 @@ class FakeTelegram:
             return self._write(method, params)
         return self._error(404, f"Not Found: method {method} is not faked")
 
+    async def end_polls(self) -> None:
+        """Answer long polls at once from now on, so a bot being stopped need not wait."""
+        async with self._changed:
+            self._polls_ended = True
+            self._changed.notify_all()
+
     async def _poll(self, offset: int, wait: int) -> list[dict[str, Any]]:
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
-        if not self._updates and wait:
+        if not self._updates and wait and not self._polls_ended:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self._changed.wait_for(lambda: bool(self._updates)), wait
+                        self._changed.wait_for(lambda: bool(self._updates) or self._polls_ended),
+                        wait,
                     )
         return list(self._updates)
 

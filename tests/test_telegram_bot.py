@@ -76,6 +76,7 @@ async def bot(
         running = asyncio.create_task(run_telegram(service, configured, in_flight))
         await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
         yield Bot(fake, model, store, in_flight, metrics)
+        await fake.end_polls()
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
@@ -333,6 +334,7 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
             await fake.wait_for(lambda: bool(fake.calls_to("sendChatAction")), 10)
         else:
             await fake.wait_for(lambda: bool(fake.sent[ADA["id"]]), 10)
+        await fake.end_polls()
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
     turns = await store.load(key)
