@@ -38,6 +38,7 @@ ERRORS = {
     NoticeKind.MODEL_UNAVAILABLE,
     NoticeKind.MODEL_REJECTED,
     NoticeKind.REPLY_INTERRUPTED,
+    NoticeKind.MODEL_TIMED_OUT,
     NoticeKind.STORE_UNAVAILABLE,
 }
 LIMITS = {NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT}

@@ -165,6 +165,9 @@ class TelegramSettings(BaseModel):
     shutdown_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
     )
+    answer_channel_posts: bool = Field(
+        default=False, description="Answer posts in channels the bot is in; off: stay silent."
+    )
 
 
 class HttpSettings(BaseModel):

@@ -100,13 +100,38 @@ async def running_engine(log_dir: Path, **settings: str) -> AsyncIterator[str]:
         yield base_url
 
 
+# What Mistral's, Gemma's and Llama 2's chat templates do: refuse roles that do not
+# alternate (after an optional system message), so vLLM answers 400.
+STRICT_ROLES = (
+    "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+    "{%- for message in messages[offset:] -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def strict_chat_template(folder: Path) -> Path:
+    """The bundled model's chat template, refusing roles that do not alternate."""
+    template = folder / "strict_chat_template.jinja"
+    template.write_text(STRICT_ROLES + (MODEL / "chat_template.jinja").read_text())
+    return template
+
+
 @pytest.fixture(scope="session")
 async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """The engine the end-to-end tests share, started once (about a minute)."""
+    """The engine the end-to-end tests share, started once (about a minute).
+
+    Its chat template is the bundled model's made strict about alternating roles, as many
+    models' templates are, so every end-to-end test sends prompts those models accept.
+    """
+    folder = tmp_path_factory.mktemp("engine")
     async with running_engine(
-        tmp_path_factory.mktemp("engine"),
+        folder,
         INFERENCE_API_KEY=ENGINE_API_KEY,
         INFERENCE_MAX_MODEL_LEN=str(ENGINE_MAX_MODEL_LEN),
+        INFERENCE_EXTRA_ARGS=f"--chat-template {strict_chat_template(folder)}",
     ) as base_url:
         yield base_url
 

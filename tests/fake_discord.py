@@ -4,6 +4,9 @@ discord.py runs unchanged against it: it logs in over REST, fetches the gateway 
 connects a real websocket (zlib-stream compressed, as Discord sends), identifies,
 receives READY and GUILD_CREATE, and then whatever events a test dispatches. Every REST
 call is recorded; `script_429` makes chosen calls answer 429 with a `retry_after`.
+Interactions behave as Discord's do: the callback (4: answered, 5: deferred) must come
+within `INTERACTION_WINDOW` seconds of the interaction, or it is an "Unknown interaction"
+(404); a deferred one is answered by a followup, `POST /webhooks/{application}/{token}`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ DM_CHANNEL_ID = SNOWFLAKE + 300
 ROLE_MEMBER = SNOWFLAKE + 400
 ROLE_MUTED = SNOWFLAKE + 401
 TIMESTAMP = "2026-11-22T10:00:00.000000+00:00"
+INTERACTION_WINDOW = 3.0  # seconds Discord gives an application to answer an interaction
+UNKNOWN_INTERACTION = {"message": "Unknown interaction", "code": 10062}
 
 
 def user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
@@ -61,6 +66,13 @@ class Call:
     body: Any
     message_id: str | None = None  # the message a POST created or a PATCH edited
     at: float = field(default_factory=time.monotonic)
+    status: int = 200  # what the fake answered
+
+
+def _answers(call: Call) -> bool:
+    if call.path.startswith("/webhooks/"):  # the followup of a deferred interaction
+        return True
+    return call.path.endswith("/callback") and call.body["type"] == 4
 
 
 @dataclass
@@ -69,10 +81,14 @@ class FakeDiscord:
     calls: list[Call] = field(default_factory=list)
     script_429: dict[str, list[float]] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)  # "METHOD /path" answered 403
+    # Statuses the next calls matching "METHOD /path" get instead (503: unavailable; discord.py
+    # itself retries 500, 502, 504 and 524 a few times, and raises on the others).
+    fail_next: dict[str, list[int]] = field(default_factory=dict)
     identified: asyncio.Event = field(default_factory=asyncio.Event)
     shard: list[int] | None = None  # [id, count] the client identified with
     intents: int = 0
     port: int = 0
+    interactions: dict[str, float] = field(default_factory=dict)  # id -> when it was sent
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(SNOWFLAKE + 10_000))
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
     _socket: web.WebSocketResponse | None = None
@@ -114,13 +130,18 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
         body = await request.json() if request.can_read_body else None
-        self.calls.append(Call(request.method, path, body))
+        call = Call(request.method, path, body)
+        self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
         if f"{request.method} {path}" in self.forbidden:
             refusal = {"message": "Missing Permissions", "code": 50013}
-            return _json(refusal, status=403)
+            return self._refuse(call, refusal, status=403)
         key = f"{request.method} {path.rsplit('/', 1)[0] if request.method == 'PATCH' else path}"
+        for pattern, statuses in self.fail_next.items():
+            if pattern in key and statuses:
+                failure = {"message": "Service Unavailable", "code": 0}
+                return self._refuse(call, failure, status=statuses.pop(0))
         for pattern, delays in self.script_429.items():
             if pattern in key and delays:
                 retry = delays.pop(0)
@@ -129,10 +150,32 @@ class FakeDiscord:
                     "retry_after": retry,
                     "global": False,
                 }
-                return _json(payload, status=429, headers={"Via": "1.1 google"})
-        return self._answer(request.method, path, body)
+                return self._refuse(call, payload, status=429, headers={"Via": "1.1 google"})
+        parts = path.strip("/").split("/")
+        if parts[0] == "interactions" and parts[-1] == "callback" and self._expired(parts[1]):
+            return self._refuse(call, UNKNOWN_INTERACTION, status=404)
+        return self._answer(call, request.method, path, body)
 
-    def _answer(self, method: str, path: str, body: Any) -> web.StreamResponse:
+    def _refuse(
+        self,
+        call: Call,
+        payload: dict[str, Any],
+        *,
+        status: int,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        call.status = status
+        return _json(payload, status=status, headers=headers)
+
+    def _expired(self, interaction_id: str) -> bool:
+        sent = self.interactions.get(interaction_id)
+        return sent is not None and time.monotonic() - sent > INTERACTION_WINDOW
+
+    def answers(self) -> list[Call]:
+        """The accepted answers to interactions, in order: callbacks of type 4, followups."""
+        return [c for c in self.calls if c.method == "POST" and c.status == 200 and _answers(c)]
+
+    def _answer(self, call: Call, method: str, path: str, body: Any) -> web.StreamResponse:
         parts = path.strip("/").split("/")
         if path == "/users/@me":
             return _json(BOT_USER)
@@ -172,10 +215,10 @@ class FakeDiscord:
             )
         if parts[0] == "channels" and parts[-1] == "messages" and method == "POST":
             created = self.message(int(parts[1]), body["content"], author=BOT_USER)
-            self.calls[-1].message_id = created["id"]
+            call.message_id = created["id"]
             return _json(created)
         if parts[0] == "channels" and len(parts) == 4 and method == "PATCH":
-            self.calls[-1].message_id = parts[3]
+            call.message_id = parts[3]
             return _json(
                 self.message(
                     int(parts[1]), body["content"], author=BOT_USER, message_id=int(parts[3])
@@ -185,6 +228,10 @@ class FakeDiscord:
             flags = (body.get("data") or {}).get("flags", 0)
             callback = {"id": parts[1], "type": 2, "response_message_ephemeral": bool(flags & 64)}
             return _json({"interaction": callback})
+        if parts[0] == "webhooks" and len(parts) == 3 and method == "POST":
+            created = self.message(CHANNEL_ID, body["content"], author=BOT_USER)
+            call.message_id = created["id"]
+            return _json({**created, "flags": body.get("flags", 0), "webhook_id": parts[1]})
         if parts[0] == "users" and parts[-1] == "channels":
             return _json({"id": str(DM_CHANNEL_ID), "type": 1, "recipients": [body]})
         return web.Response(status=204)
@@ -262,6 +309,8 @@ class FakeDiscord:
         await self._socket.send_bytes(data + self._compressor.flush(zlib.Z_SYNC_FLUSH))
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        if event == "INTERACTION_CREATE":  # its 3 s to be answered start now
+            self.interactions[data["id"]] = time.monotonic()
         await self._send({"op": 0, "t": event, "s": next(self._seq), "d": data})
 
     async def _ready(self) -> None:

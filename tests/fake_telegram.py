@@ -1,6 +1,7 @@
 """A local fake of the Telegram Bot API, over real HTTP on loopback, for python-telegram-bot.
 
-It keeps each chat's messages, queues updates for `getUpdates` (long polling), answers
+It keeps each chat's messages, queues updates for `getUpdates` (long polling: new and
+edited messages, channel posts, with mention entities as Telegram finds them), answers
 `sendMessage`, `editMessageText`, `sendChatAction`, `setMyCommands`, `setWebhook` and
 friends the way Telegram does, including its errors: 429 with `retry_after` when a
 chat's limits are exceeded, 400 "can't parse entities" for malformed HTML, and 400
@@ -15,9 +16,11 @@ import html.parser
 import itertools
 import json
 import math
+import re
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -45,8 +48,51 @@ def group_chat(chat_id: int, *, forum: bool = False) -> dict[str, Any]:
     return {"id": chat_id, "type": "supergroup", "title": f"group {chat_id}", "is_forum": forum}
 
 
+def channel(chat_id: int) -> dict[str, Any]:
+    return {"id": chat_id, "type": "channel", "title": f"channel {chat_id}"}
+
+
+def _file(file_id: str, **fields: Any) -> dict[str, Any]:
+    return {"file_id": file_id, "file_unique_id": f"u-{file_id}", **fields}
+
+
+# What a message carries besides (or instead of) text, as the Bot API shapes it.
+MEDIA: dict[str, dict[str, Any]] = {
+    "photo": {"photo": [_file("p-small", width=90, height=60), _file("p", width=1280, height=853)]},
+    "sticker": {
+        "sticker": _file(
+            "s",
+            type="regular",
+            width=512,
+            height=512,
+            is_animated=False,
+            is_video=False,
+            emoji="👍",
+        )
+    },
+    "voice": {"voice": _file("v", duration=3, mime_type="audio/ogg")},
+    "document": {"document": _file("d", file_name="notes.pdf", mime_type="application/pdf")},
+    "location": {"location": {"latitude": 48.8584, "longitude": 2.2945}},
+}
+# A username mention as Telegram finds one: not inside a word or an address.
+MENTION = re.compile(r"(?<![\w@.])@[A-Za-z0-9_]{5,32}(?!\w)")
+
+
+def utf16(text: str) -> int:
+    """The length of a text in UTF-16 code units, which entity offsets count."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def mentions(text: str) -> list[dict[str, Any]]:
+    """The `mention` entities Telegram adds to a text."""
+    return [
+        {"type": "mention", "offset": utf16(text[: m.start()]), "length": utf16(m.group())}
+        for m in MENTION.finditer(text)
+    ]
+
+
 class _TagChecker(html.parser.HTMLParser):
-    """Accept only Telegram's tags, properly nested, like Telegram's own parser."""
+    """Accept only Telegram's tags, attributes and nesting, like Telegram's own parser."""
 
     ALLOWED: ClassVar[set[str]] = {
         "b",
@@ -61,6 +107,8 @@ class _TagChecker(html.parser.HTMLParser):
         "blockquote",
         "tg-spoiler",
     }
+    LINK_SCHEMES: ClassVar[tuple[str, ...]] = ("http://", "https://", "mailto:", "tg://")
+    ATOMIC: ClassVar[set[str]] = {"a", "code", "pre"}  # these can't contain one another
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -72,24 +120,58 @@ class _TagChecker(html.parser.HTMLParser):
         self.text.append(data)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag not in self.ALLOWED:
-            self.error = f'unsupported start tag "{tag}"'
+        self.error = self.error or self._problem(tag, dict(attrs))
         self.stack.append(tag)
 
     def handle_endtag(self, tag: str) -> None:
         if not self.stack or self.stack.pop() != tag:
-            self.error = f'unexpected end tag "{tag}"'
+            self.error = self.error or f'unexpected end tag "{tag}"'
+
+    def _problem(self, tag: str, attrs: dict[str, str | None]) -> str | None:
+        parent = self.stack[-1] if self.stack else None
+        if tag not in self.ALLOWED:
+            return f'unsupported start tag "{tag}"'
+        # The attributes each tag may have: a link's URL, a code block's language.
+        href = (attrs.pop("href", None) or "") if tag == "a" else "http://"
+        language = (attrs.pop("class", None) or "language-") if parent == "pre" else "language-"
+        if tag == "blockquote":
+            attrs.pop("expandable", None)
+        if not href.lower().startswith(self.LINK_SCHEMES):
+            return f'wrong URL "{href}" in tag "a"'
+        if not language.startswith("language-"):
+            return f'wrong class "{language}" in tag "code"'
+        if attrs:
+            return f'unsupported attribute "{next(iter(attrs))}" in tag "{tag}"'
+        if parent == "pre" and tag == "code":
+            return None  # a code block's language
+        if parent in ("code", "pre"):
+            return f'tag "{tag}" inside "{parent}": pre and code can\'t contain entities'
+        if tag == "blockquote" and "blockquote" in self.stack:
+            return "blockquote entities can't be nested"
+        if tag in self.ATOMIC and self.ATOMIC & set(self.stack):
+            return f'tag "{tag}" inside "{self.stack[-1]}": these can\'t contain each other'
+        return None
+
+
+# What may follow "<" or "&" in Telegram HTML: a whole tag, or one of its entities.
+_TAG = re.compile(r"</?[a-zA-Z][\w-]*(?:\s+[\w-]+(?:=\"[^\"<>]*\")?)*\s*>")
+_ENTITY = re.compile(r"&(?:lt|gt|amp|quot|#[0-9]+|#x[0-9a-fA-F]+);")
 
 
 def html_error(text: str) -> str | None:
     if "<" not in text and "&" not in text:
         return None
+    for bare in re.finditer("[<&]", text):
+        if not (_TAG if bare[0] == "<" else _ENTITY).match(text, bare.start()):
+            return f'unescaped "{bare[0]}" at byte offset {len(text[: bare.start()].encode())}'
     checker = _TagChecker()
     checker.feed(text)
     checker.close()
+    if checker.error:
+        return checker.error
     if checker.stack:
         return f'can\'t find end tag corresponding to start tag "{checker.stack[-1]}"'
-    return checker.error
+    return None
 
 
 def visible(text: str, parse_mode: str | None) -> str:
@@ -116,6 +198,8 @@ class FakeTelegram:
     edit_interval: float = 0.0  # seconds between edits in one chat
     group_per_minute: int = 0  # sends + edits per group chat per minute
     reject_html: int = 0  # answer the next N HTML messages with "can't parse entities"
+    # The statuses the next calls of a method get instead of an answer (502: a bad gateway).
+    fail_next: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     port: int = 0
     calls: list[Call] = field(default_factory=list)
     messages: dict[int, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
@@ -163,14 +247,27 @@ class FakeTelegram:
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), within)
 
-    async def push(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Queue an incoming message for getUpdates; return it with its ids filled in."""
+    async def push(self, message: dict[str, Any], kind: str = "message") -> dict[str, Any]:
+        """Queue an update for getUpdates; return its message with ids and mentions filled in.
+
+        `kind` is the update's field: message, edited_message, channel_post...
+        """
         message = {"message_id": next(self._message_ids), "date": int(time.time()), **message}
-        self.messages[message["chat"]["id"]][message["message_id"]] = message.get("text", "")
+        for body, entities in (("text", "entities"), ("caption", "caption_entities")):
+            if body in message and entities not in message:
+                message[entities] = mentions(message[body])
+        text = message.get("text", message.get("caption", ""))
+        self.messages[message["chat"]["id"]][message["message_id"]] = text
         async with self._changed:
-            self._updates.append({"update_id": next(self._update_ids), "message": message})
+            self._updates.append({"update_id": next(self._update_ids), kind: message})
             self._changed.notify_all()
         return message
+
+    async def edit(self, message: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        """Queue the `edited_message` update of a message pushed earlier."""
+        kept = {k: v for k, v in message.items() if k not in ("entities", "caption_entities")}
+        edited = {**kept, "edit_date": int(time.time()), **changes}  # entities: found anew
+        return await self.push(edited, "edited_message")
 
     def bot_message(self, chat: dict[str, Any], text: str) -> dict[str, Any]:
         """A message the bot sent earlier, for users to reply to."""
@@ -196,7 +293,11 @@ class FakeTelegram:
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
-        response = await self._answer(method, params)
+        if self.fail_next[method]:
+            status = self.fail_next[method].pop(0)
+            response = self._error(status, HTTPStatus(status).phrase)
+        else:
+            response = await self._answer(method, params)
         call.status = response.status
         async with self._changed:
             self._changed.notify_all()

@@ -110,9 +110,16 @@ class MemoryStore:
 
     async def remove(self, key: ConversationKey, message_id: str) -> bool:
         self._check()
-        kept = [t for t in self.turns[key] if t.message_id != message_id]
-        found, self.turns[key] = len(kept) != len(self.turns[key]), kept
-        return found
+        turns = self.turns[key]
+        found = next((i for i, t in enumerate(turns) if t.message_id == message_id), None)
+        if found is None:
+            return False
+        end = found + 1
+        if turns[found].role is Role.USER:  # its answer goes with it
+            while end < len(turns) and turns[end].role is Role.ASSISTANT:
+                end += 1
+        del turns[found:end]
+        return True
 
 
 @dataclass

@@ -96,6 +96,12 @@ def test_every_command_is_found_by_name_and_every_guarded_action_says_why() -> N
     assert find_command("frobnicate") is None
 
 
+def test_only_commands_on_the_turns_wait_in_line_and_only_reset_ends_a_reply() -> None:
+    waiting = [spec.name for spec in COMMANDS if spec.waits_in_line]
+    assert waiting == ["reset", "retry"], "the others read or set the channel's options"
+    assert [spec.name for spec in COMMANDS if spec.ends_reply] == ["reset"]
+
+
 async def test_an_edited_message_is_cut_like_a_new_one() -> None:
     store = MemoryStore()
     service = ConversationService(store, ScriptedModel(), policy=ChatPolicy(max_message_chars=10))

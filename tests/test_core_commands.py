@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 import pytest
 
-from bots.core.commands import HELP_TEXT, parse_command
+from bots.core.commands import HELP_TEXT, RESET_STOPS_REPLY, RESET_TEXT, parse_command
 from bots.core.models import (
     Author,
     ConversationKey,
@@ -257,7 +257,7 @@ async def test_edits_and_deletes_find_the_message_in_its_author_s_own_conversati
     assert store.turns[ada][0].content == "typo here"
     assert not await service.edit(Incoming(KEY, "x", author=BOB, in_group=True, message_id="m1"))
     assert await service.forget(Incoming(KEY, "", author=ADA, in_group=True, message_id="m1"))
-    assert [t.role for t in store.turns[ada]] == [Role.ASSISTANT], "the message is gone"
+    assert store.turns[ada] == [], "the message is gone, and its answer with it"
 
 
 async def test_a_persona_may_span_lines() -> None:
@@ -289,3 +289,101 @@ async def test_an_adapter_is_chosen_from_those_served_and_then_asked_for() -> No
     await say(service, "/adapter off")
     await say(service, "hello again")
     assert model.asked_adapters == ["support-3f2a9c1b", None]
+
+
+OPTION_COMMANDS = ("/usage", "/persona", "/persona set A cat.", "/adapter", "/collect", "/help")
+
+
+async def test_commands_on_options_answer_at_once_while_a_reply_is_under_way() -> None:
+    model = ScriptedModel(gates={str(KEY): asyncio.Event()})
+    service, store, _ = make(model)
+    reply = asyncio.create_task(say(service, "a long story, please"))
+    await model.started.wait()
+    for command in OPTION_COMMANDS:
+        answer = text_of(await asyncio.wait_for(say(service, command), 1.0))
+        assert answer, command
+    assert store.options[KEY]["persona"] == "A cat." and not reply.done()
+    model.gates[str(KEY)].set()
+    assert text_of(await reply) == "echo 2: a long story, please"
+    assert len(store.turns[KEY]) == 2
+
+
+async def test_reset_ends_a_hung_reply_at_once_and_the_reply_records_nothing() -> None:
+    model = ScriptedModel()
+    service, store, _ = make(model)
+    await say(service, "remember me")
+    model.gates[str(KEY)], model.started = asyncio.Event(), asyncio.Event()  # the model hangs
+    hung = asyncio.create_task(say(service, "and this?"))
+    await model.started.wait()
+    answer = text_of(await asyncio.wait_for(say(service, "/reset"), 1.0))
+    assert answer == RESET_TEXT
+    ended = await asyncio.wait_for(hung, 1.0)
+    assert notices(ended) == [NoticeKind.REPLY_INTERRUPTED] and text_of(ended) == ""
+    assert ended[-1] == Notice(NoticeKind.REPLY_INTERRUPTED, RESET_STOPS_REPLY)
+    assert not store.turns[KEY], "cleared, and the ended reply stored nothing"
+    assert service.active_conversations == 0
+
+
+async def test_reset_right_after_a_message_acts_once_its_reply_is_stored() -> None:
+    service, store, _ = make(ScriptedModel(delay=0.005))
+    first = service.respond(Incoming(KEY, "first", author=ADA))
+    reset = service.respond(Incoming(KEY, "/reset", author=ADA))
+    resetting = asyncio.create_task(read(reset))  # reads first: it still waits its turn
+    await asyncio.sleep(0)
+    assert text_of(await read(first)) == "echo 2: first", "not yet under way: answered whole"
+    assert text_of(await resetting) == RESET_TEXT
+    assert not store.turns[KEY]
+
+
+async def test_a_refused_reset_neither_ends_the_reply_nor_waits_for_it() -> None:
+    model = ScriptedModel(gates={str(KEY): asyncio.Event()})
+    service, store, _ = make(model)
+    reply = asyncio.create_task(say(service, "hi all", in_group=True))
+    await model.started.wait()
+    refused = text_of(await asyncio.wait_for(say(service, "/reset", in_group=True), 1.0))
+    assert refused.startswith("Only admins") and not reply.done()
+    model.gates[str(KEY)].set()
+    assert text_of(await reply) == "echo 2: Ada: hi all" and len(store.turns[KEY]) == 2
+
+
+async def test_a_reply_ended_by_a_shutdown_is_not_mistaken_for_a_reset() -> None:
+    model = ScriptedModel(gates={str(KEY): asyncio.Event()})
+    service, store, _ = make(model)
+    reply = asyncio.create_task(say(service, "hello"))
+    await model.started.wait()
+    reset = service.respond(Incoming(KEY, "/reset", author=ADA))
+    reply.cancel()  # a shutdown at the moment of the reset: the reply is cancelled, as ever
+    await asyncio.wait({reply})
+    assert reply.cancelled()
+    assert text_of(await asyncio.wait_for(read(reset), 1.0)) == RESET_TEXT
+    assert not store.turns[KEY]
+
+
+async def read(parts: AsyncGenerator[ReplyPart, None]) -> list[ReplyPart]:
+    async with aclosing(parts):
+        return [part async for part in parts]
+
+
+async def test_a_reply_read_slowly_stops_at_its_next_part_after_a_reset() -> None:
+    service, store, _ = make()
+    async with aclosing(service.respond(Incoming(KEY, "one two three", author=ADA))) as reply:
+        assert await anext(reply) == "echo"
+        reset = service.respond(Incoming(KEY, "/reset", author=ADA))
+        rest = [part async for part in reply]
+    assert rest == [Notice(NoticeKind.REPLY_INTERRUPTED, RESET_STOPS_REPLY)]
+    assert text_of(await read(reset)) == RESET_TEXT and not store.turns[KEY]
+
+
+async def test_a_second_reset_does_not_cut_the_first_short() -> None:
+    class SlowClear(MemoryStore):
+        async def clear(self, key: ConversationKey) -> None:
+            await asyncio.sleep(0.05)
+            await super().clear(key)
+
+    store = SlowClear()
+    service = ConversationService(store, ScriptedModel())
+    await collect(service, Incoming(KEY, "hello", author=ADA))
+    first = asyncio.create_task(read(service.respond(Incoming(KEY, "/reset", author=ADA))))
+    await asyncio.sleep(0.01)  # the first is clearing now
+    second = await read(service.respond(Incoming(KEY, "/reset", author=ADA)))
+    assert text_of(await first) == text_of(second) == RESET_TEXT

@@ -114,10 +114,14 @@ def test_any_history_fits_any_budget(
     fitter = ContextFitter(model.count_tokens, target=target)
     fitted = asyncio.run(fitter.fit("sys", history, new, window_start=None, budget=budget))
     assert asyncio.run(model.count_tokens(fitted.messages)) <= budget
-    assert fitted.messages[-1].content.startswith("n ")
+    last = fitted.messages[-1].content
+    # The new message, alone (perhaps cut), or after the unanswered one it is read with.
+    assert last.startswith("n ") or last.endswith("\n\n" + new.content)
     assert fitted.shortened == (new_size + 4 + 5 + 3 > budget)
     if len(fitted.messages) > 2:
         assert fitted.messages[1].role is Role.USER
+    roles = [m.role for m in fitted.messages[1:]]
+    assert roles == [Role.USER, Role.ASSISTANT] * (len(roles) // 2) + [Role.USER], "alternate"
 
 
 async def test_a_system_prompt_too_long_for_the_context_is_cut_to_half_of_it() -> None:
@@ -127,3 +131,39 @@ async def test_a_system_prompt_too_long_for_the_context_is_cut_to_half_of_it() -
     fitted = await fitter.fit("persona " * 5000, [], new, window_start=None, budget=300)
     assert await model.count_tokens(fitted.messages[:1]) <= 150
     assert fitted.messages[-1].content == "hello there" and not fitted.shortened
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    roles=st.lists(st.sampled_from([Role.USER, Role.ASSISTANT]), max_size=20),
+    budget=st.integers(min_value=80, max_value=400),
+)
+def test_the_prompt_alternates_whatever_the_history_holds(roles: list[Role], budget: int) -> None:
+    """Failed replies leave user, user; deleted questions leave assistant, assistant."""
+    model = ScriptedModel()
+    history = [Turn(role, f"t{i}", at=float(i), seq=i + 1) for i, role in enumerate(roles)]
+    new = Turn(Role.USER, "now", at=99.0)
+    fitter = ContextFitter(model.count_tokens, target=0.5)
+    fitted = asyncio.run(fitter.fit("sys", history, new, window_start=None, budget=budget))
+    after_system = [m.role for m in fitted.messages[1:]]
+    assert after_system == [Role.USER, Role.ASSISTANT] * (len(after_system) // 2) + [Role.USER]
+    assert fitted.messages[-1].content.endswith("now")
+
+
+async def test_an_unanswered_message_is_read_with_the_next_and_an_orphan_answer_left_out() -> None:
+    model = ScriptedModel()
+    history = [
+        Turn(Role.USER, "my name is Ada", seq=1),
+        Turn(Role.ASSISTANT, "Hello Ada", seq=2),
+        Turn(Role.ASSISTANT, "An answer to a deleted message", seq=4),
+        Turn(Role.USER, "I like tea (its reply failed)", seq=5),
+    ]
+    new = Turn(Role.USER, "what do I like?", seq=6)
+    fitter = ContextFitter(model.count_tokens, target=0.5)
+    fitted = await fitter.fit("sys", history, new, window_start=None, budget=1000)
+    assert [(m.role, m.content) for m in fitted.messages] == [
+        (Role.SYSTEM, "sys"),
+        (Role.USER, "my name is Ada"),
+        (Role.ASSISTANT, "Hello Ada"),
+        (Role.USER, "I like tea (its reply failed)\n\nwhat do I like?"),
+    ]

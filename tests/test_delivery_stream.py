@@ -7,8 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import pytest
+
 from bots.delivery.split import split_message
-from bots.delivery.stream import EMPTY_REPLY, Limits, RateLimited, StreamingDelivery
+from bots.delivery.stream import (
+    EMPTY_REPLY,
+    Limits,
+    PlatformFailed,
+    RateLimited,
+    StreamingDelivery,
+)
 
 FAST = Limits(max_chars=100, edit_interval=0.2, burst=5, window=1.0)
 
@@ -116,3 +124,48 @@ async def test_a_reply_with_nothing_to_show_says_so() -> None:
     sink = RecordingSink()
     await StreamingDelivery(sink, FAST).run(stream())
     assert sink.messages == [EMPTY_REPLY]
+
+
+@dataclass
+class FailingSink(RecordingSink):
+    """A chat whose next calls fail: `transient` with a 5xx-like error, or for good."""
+
+    transient: int = 0
+    broken: bool = False
+
+    async def send(self, text: str) -> int:
+        self._fail()
+        return await super().send(text)
+
+    async def edit(self, message: int, text: str) -> None:
+        self._fail()
+        await super().edit(message, text)
+
+    def _fail(self) -> None:
+        if self.broken:
+            raise PermissionError("no right to post here")
+        if self.transient:
+            self.transient -= 1
+            raise PlatformFailed("502 Bad Gateway")
+
+
+async def test_platform_failures_are_retried_and_the_final_text_arrives() -> None:
+    sink = FailingSink(transient=3)
+    report = await StreamingDelivery(sink, FAST).run(tokens(WORDS[:20], 100))
+    assert sink.messages == ["".join(WORDS[:20])]
+    assert report.failed == 3
+
+
+async def test_a_platform_that_refuses_for_good_still_lets_the_answer_end() -> None:
+    """The model's answer is read to its end (so the service records it), then the error."""
+    read: list[str] = []
+
+    async def answer() -> AsyncIterator[str]:
+        for word in WORDS[:10]:
+            await asyncio.sleep(0.01)
+            read.append(word)
+            yield word
+
+    with pytest.raises(PermissionError):
+        await StreamingDelivery(FailingSink(broken=True), FAST).run(answer())
+    assert read == WORDS[:10]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,6 +21,7 @@ from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
 from bots.delivery.inflight import RESTART_NOTICE, InFlight
 from bots.delivery.split import split_message
+from bots.ops import Metrics
 from bots.platforms.discord import (
     INTENT_HELP,
     AccessPolicy,
@@ -36,6 +39,7 @@ from tests.fake_discord import (
     CHANNEL_ID,
     DM_CHANNEL_ID,
     GUILD_ID,
+    INTERACTION_WINDOW,
     OPEN_CHANNEL_ID,
     ROLE_MEMBER,
     ROLE_MUTED,
@@ -74,6 +78,7 @@ class Bot:
     model: FixedModel
     store: RedisContextStore
     in_flight: InFlight
+    metrics: Metrics
 
     def sent(self, channel: int) -> list[str]:
         return [
@@ -117,15 +122,21 @@ class Bot:
         await asyncio.wait_for(self.in_flight.idle(), within)
 
     async def command_answer(self, count: int = 1) -> str:
-        """The private answer to the `count`-th slash command."""
+        """The private answer to the `count`-th slash command (at once, or after a deferral)."""
+        await self.fake.wait_for(lambda: len(self.fake.answers()) >= count)
+        answer = self.fake.answers()[count - 1]
+        message = answer.body if answer.path.startswith("/webhooks/") else answer.body["data"]
+        assert message["flags"] == 64, "ephemeral"
+        assert message["allowed_mentions"]["parse"] == [], "no pings"
+        return str(message["content"])
 
-        def callbacks() -> list[Call]:
-            return self.fake.calls_to("POST", "/interactions/")
-
-        await self.fake.wait_for(lambda: len(callbacks()) >= count)
-        callback = callbacks()[count - 1]
-        assert callback.body["type"] == 4 and callback.body["data"]["flags"] == 64, "ephemeral"
-        return str(callback.body["data"]["content"])
+    def deferrals(self) -> list[Call]:
+        """The interactions acknowledged in time to be answered later (callback type 5)."""
+        return [
+            c
+            for c in self.fake.calls_to("POST", "/callback")
+            if c.body["type"] == 5 and c.status == 200
+        ]
 
 
 def echo(prompt: Sequence[PromptMessage]) -> str:
@@ -151,11 +162,12 @@ async def bot(
         configured = settings.model_copy(
             update={"api_base_url": fake.api_base, "gateway_url": fake.gateway_url}
         )
-        service, in_flight = ConversationService(store, model), InFlight()
+        metrics, in_flight = Metrics(), InFlight()
+        service = ConversationService(store, model, observer=metrics)
         running = asyncio.create_task(run_discord(service, configured, in_flight))
         await asyncio.wait_for(fake.identified.wait(), 10)
         await fake.wait_for(lambda: bool(fake.calls_to("PUT", "/commands")), 10)
-        yield Bot(fake, model, store, in_flight)
+        yield Bot(fake, model, store, in_flight, metrics)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
@@ -370,6 +382,7 @@ def test_shards_come_from_the_settings_or_the_pod_ordinal(
 
 
 MANAGE_CHANNELS = str(1 << 4)
+_INTERACTION_IDS = itertools.count(SNOWFLAKE + 5000)
 
 
 def interaction(
@@ -382,7 +395,7 @@ def interaction(
 ) -> dict[str, Any]:
     """An application command invocation, as the gateway delivers it."""
     return {
-        "id": str(SNOWFLAKE + 5000),
+        "id": str(next(_INTERACTION_IDS)),
         "application_id": str(SNOWFLAKE + 901),
         "type": 2,
         "token": "interaction-token",
@@ -501,7 +514,7 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
         service = ConversationService(store, model)
         running = asyncio.create_task(run_discord(service, configured, in_flight))
         await asyncio.wait_for(fake.identified.wait(), 10)
-        bot = Bot(fake, model, store, in_flight)
+        bot = Bot(fake, model, store, in_flight, Metrics())
         await bot.say(DM_CHANNEL_ID, "tell me")
         if gated:
             await fake.wait_for(lambda: bool(fake.calls_to("POST", "/typing")), 10)
@@ -567,3 +580,56 @@ async def test_an_edit_is_read_like_a_new_message_and_cut_like_one(
             break
         await asyncio.sleep(0.1)
     assert turns[0].content == "hello again", "no @Parley left in the text"
+
+
+async def test_a_slash_command_is_answered_in_time_while_a_reply_is_under_way(bot: Bot) -> None:
+    key = ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}")
+    bot.model.gates[str(key)] = gate = asyncio.Event()
+    await bot.say(OPEN_CHANNEL_ID, "a long story, please")
+    await asyncio.wait_for(bot.model.started.wait(), 10)
+    await bot.fake.dispatch("INTERACTION_CREATE", interaction("usage", OPEN_CHANNEL_ID))
+    assert await bot.command_answer() == "Token use isn't counted here."
+    (deferral,) = bot.deferrals()
+    assert deferral.body["data"]["flags"] == 64, "thinking…, privately"
+    assert deferral.at - bot.fake.interactions[deferral.path.split("/")[2]] < INTERACTION_WINDOW
+    assert not bot.sent(OPEN_CHANNEL_ID), "the reply is still under way"
+    gate.set()
+    await bot.settle(OPEN_CHANNEL_ID)
+    assert bot.shown(OPEN_CHANNEL_ID) == ["You said: ada: a long story, please"]
+
+
+async def test_reset_ends_a_reply_whose_model_hangs_and_answers_in_time(bot: Bot) -> None:
+    key = ConversationKey("discord", f"{GUILD_ID}/{OPEN_CHANNEL_ID}")
+    await bot.say(OPEN_CHANNEL_ID, "remember me")
+    await bot.settle(OPEN_CHANNEL_ID)
+    bot.model.gates[str(key)], bot.model.started = asyncio.Event(), asyncio.Event()  # hangs
+    await bot.say(OPEN_CHANNEL_ID, "are you there?")
+    await asyncio.wait_for(bot.model.started.wait(), 10)
+    reset = interaction("reset", OPEN_CHANNEL_ID, permissions=MANAGE_CHANNELS)
+    await bot.fake.dispatch("INTERACTION_CREATE", reset)
+    assert (await bot.command_answer()).startswith("Conversation forgotten")
+    assert len(bot.deferrals()) == 1
+    await bot.settle(OPEN_CHANNEL_ID, 2)
+    assert bot.shown(OPEN_CHANNEL_ID)[1].rstrip() == "-# Reset: this reply stops here."
+    assert await bot.store.load(key) == [], "forgotten, and the ended reply stored nothing"
+
+
+@pytest.fixture(params=[logging.WARNING, logging.ERROR])
+def http_log_level(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> int:
+    """discord.http's log level, as LOG_LEVEL sets it before the bot starts."""
+    level: int = request.param
+    caplog.set_level(level, logger="discord.http")
+    return level
+
+
+async def test_discord_s_429s_are_counted_for_the_platform_whatever_the_log_level(
+    http_log_level: int, bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot.model.delay = 0.05
+    bot.fake.script_429["PATCH /channels/"] = [0.2, 0.2]
+    await bot.say(DM_CHANNEL_ID, " ".join(f"w{i}" for i in range(60)))
+    await bot.settle(DM_CHANNEL_ID)
+    assert len([c for c in bot.fake.calls if c.status == 429]) == 2
+    assert bot.metrics.sample("parley_platform_rate_limited_total", platform="discord") == 2
+    logged = [r for r in caplog.records if r.getMessage().startswith("We are being rate limited")]
+    assert len(logged) == (2 if http_log_level == logging.WARNING else 0), "shown if asked for"

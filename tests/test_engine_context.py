@@ -9,7 +9,16 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from bots.core.models import Author, Chunk, ConversationKey, Incoming, Notice, PromptMessage
+from bots.core.models import (
+    Author,
+    Chunk,
+    ConversationKey,
+    Incoming,
+    Notice,
+    PromptMessage,
+    Role,
+    Turn,
+)
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
 from bots.store.redis import RedisContextStore
@@ -115,3 +124,28 @@ async def test_a_long_conversation_fills_the_context_exactly_and_is_never_refuse
     assert max(used) > 0.8 * budget, "the window is filled by exact counts, not a byte bound"
     assert (await store.state(key)).window_start is not None, "a block of turns was trimmed"
     assert min(used[6:]) >= 0.5 * budget, "after a trim the kept share stays near the target"
+
+
+async def test_a_history_that_does_not_alternate_is_answered_under_a_strict_template(
+    engine: str, model: Recording, store: RedisContextStore
+) -> None:
+    """A failed reply leaves user, user; a deleted question leaves assistant, assistant."""
+    body = {
+        "model": "parley",
+        "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        "max_tokens": 4,
+    }
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ENGINE_API_KEY}"}) as client:
+        refused = await client.post(f"{engine}/chat/completions", json=body)
+    assert refused.status_code == 400, "the engine's template refuses non-alternating roles"
+
+    key = ConversationKey("test", "strict")
+    await store.append(key, Turn(Role.USER, "My name is Ada."), Turn(Role.ASSISTANT, "Hi Ada!"))
+    await store.append(key, Turn(Role.ASSISTANT, "An answer to a message since deleted."))
+    await store.append(key, Turn(Role.USER, "I like tea."))  # its reply failed; it is kept
+    service = ConversationService(store, model, policy=ChatPolicy(reply_tokens=REPLY_TOKENS))
+    assert await answer(service, Incoming(key, "What is my name?", author=ADA)) == []
+    roles = [m.role for m in model.prompts[-1]]
+    assert roles == [Role.USER, Role.ASSISTANT, Role.USER]
+    assert model.prompts[-1][-1].content == "I like tea.\n\nWhat is my name?"
+    assert (await store.load(key))[-1].role is Role.ASSISTANT, "the answer is stored"

@@ -48,7 +48,9 @@ async def test_inference_down_then_back(store: RedisContextStore) -> None:
         parts = await ask(service, "now?")
     assert "".join(p for p in parts if isinstance(p, str)) == "back again"
     sent = server.completions()[0].body["messages"]
-    assert [m["content"] for m in sent] == ["anyone home?", "now?"], "the kept turn is context"
+    assert [m["content"] for m in sent] == ["anyone home?\n\nnow?"], (
+        "the kept turn is context, read with the new one so that roles alternate"
+    )
 
 
 async def test_redis_down_then_back(tmp_path: Path) -> None:

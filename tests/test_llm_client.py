@@ -10,7 +10,13 @@ from openai import AsyncOpenAI
 
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Role, Usage
-from bots.core.ports import AdapterUnknown, ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.ports import (
+    AdapterUnknown,
+    ModelInterrupted,
+    ModelRejected,
+    ModelTimedOut,
+    ModelUnavailable,
+)
 from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, ServerError, parse_event, timeouts
 from tests.conftest import free_port
 from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status
@@ -99,6 +105,23 @@ async def test_a_silent_server_times_out_as_unavailable() -> None:
                 model_for(server.base_url, read=0.5, retry_deadline=0).stream(PROMPT, session="s")
             )
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_silent_server_is_a_timeout_not_a_broken_stream() -> None:
+    async with FakeOpenAI([Hang()]) as server:
+        with pytest.raises(ModelTimedOut):
+            await drain(
+                model_for(server.base_url, read=0.3, retry_deadline=0).stream(PROMPT, session="s")
+            )
+
+
+async def test_a_stream_that_stalls_midway_is_a_timeout_not_a_broken_stream() -> None:
+    async with FakeOpenAI([Reply("slow words here", chunk_chars=5, delay=0.6)]) as server:
+        texts: list[str] = []
+        with pytest.raises(ModelTimedOut):
+            async for chunk in model_for(server.base_url, read=0.3).stream(PROMPT, session="s"):
+                texts.append(chunk.text)
+    assert len(server.completions()) == 1, "a reply under way is not asked again"
 
 
 async def test_nothing_listening_is_unavailable_within_five_seconds() -> None:

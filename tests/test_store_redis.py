@@ -126,8 +126,17 @@ async def test_a_turn_is_edited_and_removed_by_its_message_id(store: RedisContex
     assert [(t.content, t.message_id) for t in turns] == [
         ("first, edited", "m1"),
         ("a", None),
-        ("b", None),
-    ]
+    ], "a deleted message takes its answer with it"
+
+
+async def test_deleting_a_message_removes_only_its_own_answer(store: RedisContextStore) -> None:
+    await store.append(KEY, Turn(Role.USER, "unanswered", message_id="m0"))  # its reply failed
+    await store.append(KEY, Turn(Role.USER, "first", message_id="m1"), Turn(Role.ASSISTANT, "a"))
+    await store.append(KEY, Turn(Role.USER, "second", message_id="m2"), Turn(Role.ASSISTANT, "b"))
+    assert await store.remove(KEY, "m0")
+    assert [t.content for t in await store.load(KEY)] == ["first", "a", "second", "b"]
+    assert await store.remove(KEY, "m1")
+    assert [t.content for t in await store.load(KEY)] == ["second", "b"]
 
 
 async def test_turns_are_numbered_in_order_across_appends_and_trims(

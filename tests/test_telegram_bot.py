@@ -16,17 +16,27 @@ from bots.core.service import ConversationService
 from bots.delivery.inflight import RESTART_NOTICE, InFlight
 from bots.delivery.split import split_message
 from bots.ops import Metrics
-from bots.platforms.telegram import run_telegram
+from bots.platforms.telegram import ONLY_TEXT, run_telegram
 from bots.settings import TelegramSettings
 from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
-from tests.fake_telegram import TOKEN, FakeTelegram, group_chat, person, private_chat
+from tests.fake_telegram import (
+    BOT,
+    MEDIA,
+    TOKEN,
+    FakeTelegram,
+    channel,
+    group_chat,
+    person,
+    private_chat,
+)
 from tests.fakes import ScriptedModel
 
 ADA = person(1, "Ada")
 BOB = person(2, "Bob")
 GROUP = group_chat(-1001)
 FORUM = group_chat(-1002, forum=True)
+CHANNEL = channel(-1003)
 
 
 class FixedModel(ScriptedModel):
@@ -51,8 +61,12 @@ class Bot:
     metrics: Metrics
 
     async def say(self, chat: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
-        sender = extra.pop("sender", ADA)
-        return await self.fake.push({"chat": chat, "from": sender, "text": text, **extra})
+        return await self.post(chat, text=text, **extra)
+
+    async def post(self, chat: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """Send a message of any shape (text, caption, media) from `sender` (Ada)."""
+        sender = fields.pop("sender", ADA)
+        return await self.fake.push({"chat": chat, "from": sender, **fields})
 
     async def settle(self, chat_id: int, count: int = 1, within: float = 20.0) -> None:
         """Wait for `count` replies in the chat, then until every reply is delivered."""
@@ -157,8 +171,8 @@ MARKDOWN_TRAPS = "Use *stars*, _under_scores_, [brackets](x), `a<b`, **bold** & 
 async def test_markdown_that_would_break_markdown_v2_is_delivered(bot: Bot) -> None:
     await bot.say(private_chat(ADA), "format")
     await bot.settle(ADA["id"])
-    assert bot.fake.shown(ADA["id"]) == [
-        "Use *stars*, _under_scores_, [brackets](x), a<b, bold & 2 < 3 > 1 \\"
+    assert bot.fake.shown(ADA["id"]) == [  # Markdown rendered; the relative link as its text
+        "Use stars, under_scores, brackets, a<b, bold & 2 < 3 > 1 \\"
     ]
     assert all(c.status == 200 for c in bot.fake.calls_to("sendMessage"))
 
@@ -253,6 +267,100 @@ async def test_retry_answers_again_and_unknown_commands_get_help(bot: Bot) -> No
     assert shown[2].startswith("I don't know /frobnicate.") and "/persona" in shown[2]
     turns = await bot.store.load(ConversationKey("telegram", str(ADA["id"])))
     assert [t.content for t in turns] == ["question", "You said: question"]
+
+
+async def test_only_the_bots_own_mention_addresses_it_and_only_it_is_cut(bot: Bot) -> None:
+    for text in ("@parley_bot2 hi", "ask @parley_botany", "someone@parley_bot.example"):
+        await bot.say(GROUP, text)
+    await bot.say(GROUP, "tell @parley_botany 🙂 hi @PARLEY_BOT")
+    await bot.settle(GROUP["id"])
+    by_name = {"type": "text_mention", "offset": 0, "length": 6, "user": BOT}
+    await bot.say(GROUP, "Parley what now?", entities=[by_name])
+    await bot.settle(GROUP["id"], 2)
+    assert bot.fake.shown(GROUP["id"]) == [
+        "You said: Ada: tell @parley_botany 🙂 hi",
+        "You said: Ada: what now?",
+    ]
+    assert len(bot.model.prompts) == 2
+
+
+async def test_an_edit_updates_the_stored_turn_and_is_not_answered(bot: Bot) -> None:
+    asked = await bot.say(GROUP, "@parley_bot what is 2+2?")
+    await bot.settle(GROUP["id"])
+    await bot.fake.edit(asked, text="@parley_bot what is 3+3?")
+    await bot.say(GROUP, "@parley_bot and then?")
+    await bot.settle(GROUP["id"], 2)
+    assert bot.fake.shown(GROUP["id"]) == [
+        "You said: Ada: what is 2+2?",
+        "You said: Ada: and then?",
+    ]
+    turns = await bot.store.load(ConversationKey("telegram", str(GROUP["id"])))
+    assert [t.content for t in turns] == [
+        "what is 3+3?",
+        "You said: Ada: what is 2+2?",
+        "and then?",
+        "You said: Ada: and then?",
+    ]
+    helped = await bot.say(private_chat(ADA), "/help", **command("/help"))
+    await bot.settle(ADA["id"])
+    await bot.fake.edit(helped, text="/help me", **command("/help me"))
+    await bot.say(private_chat(ADA), "ping")
+    await bot.settle(ADA["id"], 2)
+    assert bot.fake.shown(ADA["id"])[1:] == ["You said: ping"], "an edited command is not run"
+
+
+async def test_private_media_are_told_what_is_read_and_captions_answered(bot: Bot) -> None:
+    await bot.post(private_chat(ADA), caption="what is this?", **MEDIA["photo"])
+    for kind in ("photo", "sticker", "voice", "document", "location"):
+        await bot.post(private_chat(ADA), **MEDIA[kind])
+    await bot.settle(ADA["id"], 6)
+    assert sorted(bot.fake.shown(ADA["id"])) == sorted(
+        ["You said: what is this?"] + [ONLY_TEXT] * 5
+    )
+    assert len(bot.model.prompts) == 1, "media without words cost no model call"
+
+
+async def test_in_groups_captions_and_media_follow_the_addressing_rules(bot: Bot) -> None:
+    await bot.post(GROUP, **MEDIA["photo"])
+    await bot.post(GROUP, caption="nice view, @parley_botany", **MEDIA["photo"])
+    await bot.post(GROUP, caption="@parley_bot where is this?", **MEDIA["document"])
+    await bot.settle(GROUP["id"])
+    earlier = bot.fake.bot_message(GROUP, "earlier")
+    await bot.post(GROUP, reply_to_message=earlier, **MEDIA["sticker"])
+    await bot.settle(GROUP["id"], 2)
+    assert bot.fake.shown(GROUP["id"]) == ["You said: Ada: where is this?", ONLY_TEXT]
+    assert len(bot.model.prompts) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "answered"),
+    [
+        (TelegramSettings(token=TOKEN, poll_timeout=1), False),  # type: ignore[arg-type]
+        (TelegramSettings(token=TOKEN, poll_timeout=1, answer_channel_posts=True), True),  # type: ignore[arg-type]
+    ],
+)
+async def test_channel_posts_are_answered_only_when_configured(bot: Bot, answered: bool) -> None:
+    post = {"chat": CHANNEL, "sender_chat": CHANNEL, "text": "Version 2 is out!"}
+    await bot.fake.push(post, "channel_post")
+    await bot.say(private_chat(ADA), "hello")
+    await bot.settle(ADA["id"])
+    await bot.settle(CHANNEL["id"], int(answered))
+    assert bot.fake.shown(CHANNEL["id"]) == (["You said: Version 2 is out!"] if answered else [])
+    assert len(bot.model.prompts) == 1 + answered
+
+
+@pytest.mark.parametrize("bot", [lambda _: LONG], indirect=True)
+async def test_in_groups_an_answer_replies_to_its_question(bot: Bot) -> None:
+    asked = await bot.say(GROUP, "@parley_bot long please", sender=BOB)
+    await bot.settle(GROUP["id"], 3)
+    first, *rest = bot.fake.calls_to("sendMessage", GROUP["id"])
+    reply = {"message_id": asked["message_id"], "allow_sending_without_reply": True}
+    assert first.params["reply_parameters"] == reply
+    assert rest and all("reply_parameters" not in c.params for c in rest), "continuations"
+    await bot.say(private_chat(ADA), "hi")
+    await bot.settle(ADA["id"], 3)
+    private = bot.fake.calls_to("sendMessage", ADA["id"])
+    assert all("reply_parameters" not in c.params for c in private), "one asker: no quote"
 
 
 def secret(token: str) -> dict[str, str]:

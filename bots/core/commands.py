@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from bots.core.service import ChatPolicy
 
 RESET_TEXT = "Conversation forgotten; let's start over."
+RESET_STOPS_REPLY = "Reset: this reply stops here."
 
 # "/name", "/name@bot" (Telegram's form in groups), then arguments after a space. A
 # path such as "/usr/bin" is not a command: a slash right after the name is not allowed.
@@ -117,6 +118,9 @@ class CommandSpec:
         subcommands: platforms with forms offer each worded action as a subcommand.
         usage: the answer to arguments no action takes; empty: the action for none runs.
         asks_model: answered by the model, streamed (the service's reply flow, /retry).
+        waits_in_line: it acts on the turns, so it waits for the replies before it (/reset,
+            /retry); the others read or set the channel's options and answer at once.
+        ends_reply: a reply still under way in the conversation stops first (/reset).
     """
 
     name: str
@@ -127,6 +131,8 @@ class CommandSpec:
     subcommands: bool = False
     usage: str = ""
     asks_model: bool = False
+    waits_in_line: bool = False
+    ends_reply: bool = False
 
     def action_for(self, args: str) -> tuple[Action, str, str] | None:
         """The action its arguments choose, with its word and the text after it."""
@@ -255,12 +261,15 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 refusal="Only admins can reset a conversation the whole group shares.",
             ),
         ),
+        waits_in_line=True,
+        ends_reply=True,
     ),
     CommandSpec(
         "retry",
         "Answer my last message again",
         "answer your last message again",
         asks_model=True,
+        waits_in_line=True,
     ),
     CommandSpec(
         "usage", "My tokens today", "how many tokens you have used today", (Action("", _usage),)

@@ -97,20 +97,30 @@ class ContextFitter:
         head = system_message(system, clean)
         if head and (tokens := await self.overflow(head, budget // 2)) is not None:
             head = [await self._shorten([], head[0], budget // 2, tokens)]  # a persona past reason
+        start = window_start or 0
+        window = alternating([t for t in history if (t.seq or 0) >= start], clean)
         current = render(new, clean)
+        # A message left unanswered (its reply failed) is read with the new one.
+        pending = window.pop() if window and window[-1].role is Role.USER else None
+        if pending is not None:
+            merged = _joined(pending.message, current)
+            if await self.overflow([*head, merged], budget) is None:
+                current = merged
+            else:  # it would crowd out the new message: the new one alone is answered
+                pending = None
         tokens = await self.overflow([*head, current], budget)
         if tokens is not None:
             current = await self._shorten(head, current, budget, tokens)
         shortened = tokens is not None
-        start = window_start or 0
-        window = _from_user_turn([t for t in history if (t.seq or 0) >= start])
-        rendered = [render(turn, clean) for turn in window]
+        rendered = [entry.message for entry in window]
         tokens = await self.overflow([*head, *rendered, current], budget)
         if tokens is None:
             return Fitted([*head, *rendered, current], None, shortened)
         drop = await self._trim(head, window, rendered, current, budget, tokens)
         if drop < len(window):
-            new_start = window[drop].seq or 0
+            new_start = window[drop].seq
+        elif pending is not None:  # nothing else kept: the window starts at that message
+            new_start = pending.seq
         else:  # nothing kept: the window starts with the new turn
             new_start = max((t.seq or 0 for t in history), default=0) + 1
         return Fitted([*head, *rendered[drop:], current], new_start, shortened)
@@ -118,7 +128,7 @@ class ContextFitter:
     async def _trim(
         self,
         head: list[PromptMessage],
-        window: list[Turn],
+        window: list[Entry],
         rendered: list[PromptMessage],
         current: PromptMessage,
         budget: int,
@@ -162,13 +172,39 @@ class ContextFitter:
         return PromptMessage(message.role, cut.decode("utf-8", "ignore") + SHORTENED_SUFFIX)
 
 
-def _next_user_turn(turns: Sequence[Turn], index: int) -> int:
-    """The index of the first user turn from `index` on (len(turns) if none)."""
-    while index < len(turns) and turns[index].role is not Role.USER:
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message of a prompt's history: a stored turn, or consecutive user turns joined."""
+
+    role: Role
+    seq: int  # the number of its (first) stored turn
+    message: PromptMessage
+
+
+def alternating(turns: Sequence[Turn], clean: Clean = plain) -> list[Entry]:
+    """Render the history so that it starts with a user message and roles alternate.
+
+    Strict chat templates (Mistral, Gemma, Llama 2) refuse anything else, and the stored
+    history need not alternate: a user turn whose reply failed is kept (it is joined with
+    the user turn after it), and an answer whose question was deleted stays (it is left
+    out, as is an answer before any question).
+    """
+    entries: list[Entry] = []
+    for turn in turns:
+        last = entries[-1] if entries else None
+        if turn.role is Role.USER and last is not None and last.role is Role.USER:
+            entries[-1] = Entry(Role.USER, last.seq, _joined(last.message, render(turn, clean)))
+        elif turn.role is Role.USER or (last is not None and last.role is Role.USER):
+            entries.append(Entry(turn.role, turn.seq or 0, render(turn, clean)))
+    return entries
+
+
+def _joined(first: PromptMessage, second: PromptMessage) -> PromptMessage:
+    return PromptMessage(first.role, f"{first.content}\n\n{second.content}")
+
+
+def _next_user_turn(entries: Sequence[Entry], index: int) -> int:
+    """The index of the first user message from `index` on (len(entries) if none)."""
+    while index < len(entries) and entries[index].role is not Role.USER:
         index += 1
     return index
-
-
-def _from_user_turn(turns: list[Turn]) -> list[Turn]:
-    """Drop leading non-user turns: a prompt's history starts with a user message."""
-    return turns[_next_user_turn(turns, 0) :]

@@ -1,10 +1,17 @@
-"""Arrival order: each key's holders are served one at a time, in the order they came."""
+"""Arrival order: each key's holders are served one at a time, in the order they came.
+
+And the way out of a line held too long: a `Stoppable` answer can be ended by a later
+arrival (/reset) at once, even while it waits on a model that does not answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from contextlib import aclosing, asynccontextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Place:
@@ -64,3 +71,43 @@ class ArrivalLine:
             yield
         finally:
             place.leave()
+
+
+class Stoppable:
+    """An answer under way that another task may stop: at once while it awaits, else before
+    its next step. Once it `finish`es (it is storing what it said) it runs to its end."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._final = False
+        self._stepping: asyncio.Task[object] | None = None  # the task running a step now
+
+    def stop(self) -> None:
+        """End the answer, unless it is already finishing."""
+        if self._final or self.stopped:
+            return
+        self.stopped = True
+        if self._stepping is not None:
+            self._stepping.cancel()
+
+    def finish(self) -> None:
+        """From here on the answer runs to its end."""
+        self._final = True
+
+    async def run(self, parts: AsyncGenerator[T, None]) -> AsyncIterator[T]:
+        """Pass `parts` on until they end or `stop()` ends them (then `stopped` is true)."""
+        async with aclosing(parts):
+            while not self.stopped:
+                self._stepping = task = asyncio.current_task()
+                try:
+                    part = await anext(parts)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    # Ours, unless the task was cancelled besides (a shutdown): then re-raise.
+                    if not self.stopped or task is None or task.uncancel() > 0:
+                        raise
+                    return
+                finally:
+                    self._stepping = None
+                yield part

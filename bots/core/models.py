@@ -103,6 +103,7 @@ class NoticeKind(enum.StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     MODEL_REJECTED = "model_rejected"
     REPLY_INTERRUPTED = "reply_interrupted"
+    MODEL_TIMED_OUT = "model_timed_out"
     STORE_UNAVAILABLE = "store_unavailable"
     RATE_LIMITED = "rate_limited"
     BUDGET_SPENT = "budget_spent"
@@ -116,6 +117,10 @@ class Notice:
     kind: NoticeKind
     text: str
     retry_after: float | None = None  # for limits: seconds until the user may try again
+    # For limits: the text with "{wait}" for the wait, and when the wait ends
+    # (time.monotonic()), so that a notice shown later says the wait left then.
+    wording: str | None = None
+    until: float | None = None
 
 
 ReplyPart = str | Notice

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from bots.core.models import Admission, Notice, NoticeKind
-from bots.core.ports import AdapterUnknown, ModelError, ModelInterrupted, ModelRejected
+from bots.core.ports import (
+    AdapterUnknown,
+    ModelError,
+    ModelInterrupted,
+    ModelRejected,
+    ModelTimedOut,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +30,9 @@ _NOTICES = {
     ),
     NoticeKind.REPLY_INTERRUPTED: (
         "The reply was cut off by the model server. Your message is kept; try again."
+    ),
+    NoticeKind.MODEL_TIMED_OUT: (
+        "The model took too long to answer. Your message is kept; try again in a moment."
     ),
     NoticeKind.STORE_UNAVAILABLE: (
         "I can't reach my conversation memory right now; try again in a moment."
@@ -52,15 +62,24 @@ def wait_text(seconds: float) -> str:
 
 def limited_notice(admission: Admission) -> Notice:
     """Tell a refused user which limit they met and when to try again."""
-    wait = wait_text(admission.retry_after)
+    kind = NoticeKind.RATE_LIMITED
     if admission.reason == "budget":
-        text = f"You've used today's tokens; the count starts again in {wait} (midnight UTC)."
-        return notice(NoticeKind.BUDGET_SPENT, text, admission.retry_after)
-    if admission.reason == "conversation":
-        text = f"This conversation is getting more messages than I can answer; try in {wait}."
+        kind = NoticeKind.BUDGET_SPENT
+        wording = "You've used today's tokens; the count starts again in {wait} (midnight UTC)."
+    elif admission.reason == "conversation":
+        wording = "This conversation is getting more messages than I can answer; try in {wait}."
     else:
-        text = f"You're sending messages faster than I can answer; try again in {wait}."
-    return notice(NoticeKind.RATE_LIMITED, text, admission.retry_after)
+        wording = "You're sending messages faster than I can answer; try again in {wait}."
+    wait = admission.retry_after
+    text = wording.format(wait=wait_text(wait))
+    return Notice(kind, text, wait, wording, time.monotonic() + wait)
+
+
+def shown_text(notice: Notice) -> str:
+    """A notice's text as it should read now: a wait counts down from when it was said."""
+    if notice.wording is None or notice.until is None:
+        return notice.text
+    return notice.wording.format(wait=wait_text(max(0.0, notice.until - time.monotonic())))
 
 
 def model_notice(error: ModelError) -> Notice:
@@ -70,6 +89,8 @@ def model_notice(error: ModelError) -> Notice:
         return notice(NoticeKind.MODEL_REJECTED, ADAPTER_GONE)
     if isinstance(error, ModelRejected):
         return notice(NoticeKind.MODEL_REJECTED)
+    if isinstance(error, ModelTimedOut):
+        return notice(NoticeKind.MODEL_TIMED_OUT)
     if isinstance(error, ModelInterrupted):
         return notice(NoticeKind.REPLY_INTERRUPTED)
     return notice(NoticeKind.MODEL_UNAVAILABLE)

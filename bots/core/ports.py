@@ -31,6 +31,10 @@ class ModelUnavailable(ModelError):
     """The model server could not be reached, timed out, or is overloaded."""
 
 
+class ModelTimedOut(ModelUnavailable):
+    """The model server took longer than the read timeout to send the next piece."""
+
+
 class ModelRejected(ModelError):
     """The model server refused the request (bad key, unknown model, invalid request)."""
 
@@ -87,7 +91,8 @@ class ContextStore(Protocol):
         ...
 
     async def remove(self, key: ConversationKey, message_id: str) -> bool:
-        """Delete the turn that came from a platform message; False if none."""
+        """Delete the turn that came from a platform message, and the answer to it (the
+        assistant turns right after a user's); False if none."""
         ...
 
 

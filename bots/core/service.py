@@ -10,9 +10,19 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from bots.core.commands import HELP_TEXT, Call, Command, find_command, parse_command, user_of
+from bots.core.commands import (
+    HELP_TEXT,
+    RESET_STOPS_REPLY,
+    Action,
+    Call,
+    Command,
+    CommandSpec,
+    find_command,
+    parse_command,
+    user_of,
+)
 from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
-from bots.core.line import ArrivalLine, Place
+from bots.core.line import ArrivalLine, Place, Stoppable
 from bots.core.models import (
     ConversationKey,
     Incoming,
@@ -69,7 +79,7 @@ class ConversationService:
 
     Messages of one conversation are answered one at a time, in arrival order;
     different conversations proceed concurrently, at most `max_in_flight` model
-    requests at once.
+    requests at once. Commands on options answer at once; /reset ends a reply under way.
     """
 
     def __init__(
@@ -88,6 +98,7 @@ class ConversationService:
         self._policy = policy
         self._fitter = ContextFitter(model.count_tokens, target=policy.trim_target)
         self._line = ArrivalLine()
+        self._underway: dict[ConversationKey, Stoppable] = {}  # the reply each line serves
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._markers: re.Pattern[str] | None = None
 
@@ -128,40 +139,51 @@ class ConversationService:
         return await self._store.load(key)
 
     async def reset(self, key: ConversationKey) -> None:
-        """Forget a conversation's turns (its persona stays), after the replies in line."""
+        """Forget a conversation's turns (its persona stays): a reply under way stops; the
+        replies still waiting in line before this are answered first."""
+        self._stop_reply(key)
         async with self._line.hold(key):
             await self._store.clear(key)
 
     def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         """Stream the answer to a message or command: text, and notices from Parley.
 
-        The message takes its place in its conversation's line when this is called, so
-        replies come in the order of the calls. Consume the stream to the end or close it
-        (`contextlib.aclosing`): the conversation waits for it while it is open.
+        A message, /reset or /retry takes its place in its conversation's line when this is
+        called, so replies come in the order of the calls; other commands answer at once.
+        Consume the stream to the end or close it (`contextlib.aclosing`): the
+        conversation waits for it while it is open.
         """
         key = self.conversation_of(incoming)
-        return self._respond(incoming, key, self._line.join(key))
+        text = sanitize(incoming.text)
+        command = parse_command(text)
+        if command is None:
+            return self._respond(key, self._message(incoming, key, text), self._line.join(key))
+        parts, place = self._command(command, incoming, key)
+        return self._respond(key, parts, place, from_model=_asks_model(command))
+
+    def _stop_reply(self, key: ConversationKey) -> None:
+        if (underway := self._underway.get(key)) is not None:
+            underway.stop()
 
     async def _respond(
-        self, incoming: Incoming, key: ConversationKey, place: Place
+        self,
+        key: ConversationKey,
+        parts: AsyncGenerator[ReplyPart, None],
+        place: Place | None,
+        *,
+        from_model: bool = True,
     ) -> AsyncGenerator[ReplyPart, None]:
         platform, observer = key.platform, self._observer
         started = time.monotonic()
         observer.received(platform)
         answered = False
+        underway = Stoppable()
         try:
-            await place.wait()
-            text = sanitize(incoming.text)
-            command = parse_command(text)
-            if command is not None:
-                parts = self._command(command, incoming, key)
-            elif is_blank(text):
-                parts = _one(notice(NoticeKind.EMPTY_MESSAGE))
-            else:
-                turn, cut = self._user_turn(incoming, text)
-                parts = self._reply(incoming, key, turn, cut=cut)
-            from_model = command is None or _asks_model(command)
-            async for part in parts:
+            if place is not None:
+                await place.wait()
+            if from_model:  # the reply this line serves now, which a /reset may end
+                self._underway[key] = underway
+            async for part in underway.run(parts):
                 if isinstance(part, Notice):
                     observer.noticed(platform, part.kind)
                 elif part:
@@ -169,8 +191,13 @@ class ConversationService:
                         observer.first_token(platform, time.monotonic() - started)
                     answered = True
                 yield part
+            if underway.stopped:  # the user's own choice, not a failure: not counted as one
+                yield notice(NoticeKind.REPLY_INTERRUPTED, RESET_STOPS_REPLY)
         finally:
-            place.leave()
+            if place is not None:
+                place.leave()
+            if self._underway.get(key) is underway:
+                del self._underway[key]
             seconds = time.monotonic() - started
             observer.finished(platform, seconds, answered=answered)
             log.info(
@@ -195,28 +222,44 @@ class ConversationService:
         name = clean_name(author.display_name) if incoming.in_group and author else None
         return Turn(Role.USER, text, name=name or None, message_id=incoming.message_id), cut
 
-    async def _command(
-        self, command: Command, incoming: Incoming, key: ConversationKey
+    def _message(
+        self, incoming: Incoming, key: ConversationKey, text: str
     ) -> AsyncGenerator[ReplyPart, None]:
+        if is_blank(text):
+            return _one(notice(NoticeKind.EMPTY_MESSAGE))
+        turn, cut = self._user_turn(incoming, text)
+        return self._reply(incoming, key, turn, cut=cut)
+
+    def _command(
+        self, command: Command, incoming: Incoming, key: ConversationKey
+    ) -> tuple[AsyncGenerator[ReplyPart, None], Place | None]:
+        """A command's answer, and its place in line if it acts on the turns.
+
+        Only /reset and /retry wait for the replies before them; the others read or set the
+        channel's options, and a refusal changes nothing, so they answer at once.
+        """
         spec = find_command(command.name)
         if spec is None:
-            yield f"I don't know /{command.name}.\n{HELP_TEXT}"
-            return
+            return _one(f"I don't know /{command.name}.\n{HELP_TEXT}"), None
         if spec.asks_model:  # /retry: the last message, answered again
-            async for part in self._reply(incoming, key, None):
-                yield part
-            return
+            return self._reply(incoming, key, None), self._place_for(spec, key)
         chosen = spec.action_for(command.args)
         if chosen is None:
-            yield spec.usage
-            return
+            return _one(spec.usage), None
         action, word, text = chosen
         if action.refuses(incoming, key):
-            yield action.refusal
-            return
+            return _one(action.refusal), None
+        if spec.ends_reply:  # /reset: the reply under way stops here, then the turns go
+            self._stop_reply(key)
         call = Call(
             incoming, key, word, text, self._store, self._model, self._limiter, self._policy
         )
+        return self._run(action, call), self._place_for(spec, key)
+
+    def _place_for(self, spec: CommandSpec, key: ConversationKey) -> Place | None:
+        return self._line.join(key) if spec.waits_in_line else None
+
+    async def _run(self, action: Action, call: Call) -> AsyncGenerator[ReplyPart, None]:
         try:
             yield await action.run(call)
         except StoreUnavailable:
@@ -301,6 +344,8 @@ class ConversationService:
             finally:
                 self._observer.model_calls(key.platform, -1)
         reply = Turn(Role.ASSISTANT, "".join(pieces), usage=usage)
+        if (underway := self._underway.get(key)) is not None:
+            underway.finish()  # the reply is whole: a /reset now waits until it is stored
         try:
             await self._store.append(
                 key, user_turn, reply, replacing=replacing, window_start=fitted.window_start

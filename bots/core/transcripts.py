@@ -1,7 +1,8 @@
 """Stored conversations as fine-tuning data: OpenAI chat messages, optionally redacted.
 
-Turns are rendered as prompts render them (`bots.core.prompt`), special-token spellings
-broken as in prompts, so a model is trained on what it would read.
+Turns are rendered as prompts render them (`bots.core.prompt`, and joined where roles would
+not alternate, as `bots.core.context.alternating` does for prompts), special-token
+spellings broken as in prompts, so a model is trained on what it would read.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bots.core.context import alternating
 from bots.core.models import Role, Turn
-from bots.core.prompt import render, system_message
+from bots.core.prompt import system_message
 from bots.core.text import neutralize, special_token_pattern
 
 # Platform mention forms: Discord's <@123>, <@!123>, <@&123>; Telegram's @username.
@@ -64,7 +66,8 @@ def transcript(
     def turn_text(text: str) -> str:
         return model_text(_redacted(text, aliases) if redact else text)
 
-    messages = [*system_message(system, model_text), *(render(t, turn_text) for t in kept)]
+    history = [entry.message for entry in alternating(kept, turn_text)]  # as prompts join them
+    messages = [*system_message(system, model_text), *history]
     return [{"role": m.role.value, "content": m.content} for m in messages]
 
 

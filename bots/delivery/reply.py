@@ -3,7 +3,7 @@
 A chat platform (Discord, Telegram, ...) supplies its `ChatStyle` (limits, how a notice
 looks, how long its typing indicator lasts) and, per message, an `Incoming`, a sink and
 a typing call. `ChatReplies` does the rest the same way for every platform: the
-service's answer with notices marked up, "typing…" until the first text, streaming
+service's answer with notices marked up, "typing…" until the model's first text, streaming
 within the platform's limits, replies in a chat in the order asked, 429s reported to
 the service's Observer, and a notice when a shutdown cuts a reply short.
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 from bots.core.line import ArrivalLine
 from bots.core.models import Incoming, Notice, ReplyPart
+from bots.core.notices import shown_text
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 from bots.delivery.stream import CallWindow, Limits, MessageSink, StreamingDelivery
@@ -44,37 +45,60 @@ class ChatStyle:
 
 
 async def render(
-    parts: AsyncIterator[ReplyPart], notice: Callable[[str], str]
+    parts: AsyncIterator[ReplyPart],
+    notice: Callable[[str], str],
+    shown: asyncio.Event | None = None,
 ) -> AsyncIterator[str]:
-    """Mark notices up as the platform shows them, each on a line of its own; pass text on."""
+    """Mark notices up as the platform shows them, each on a line of its own; pass text on.
+
+    A notice that tells a wait is worded once `shown` is set (when the reply's turn to
+    be shown has come), so the wait it says is the one left then.
+    """
     separator = ""
     async for part in parts:
-        yield f"{separator}{notice(part.text)}\n" if isinstance(part, Notice) else part
+        if isinstance(part, Notice):
+            if part.until is not None and shown is not None:
+                await shown.wait()
+            yield f"{separator}{notice(shown_text(part))}\n"
+        else:
+            yield part
         separator = "\n"
 
 
-async def typing_until_first(
-    parts: AsyncIterator[str], show_typing: ShowTyping, every: float
-) -> AsyncIterator[str]:
-    """Show "typing…", renewed every `every` seconds, until the first piece of text."""
-    first = asyncio.ensure_future(anext(parts, None))
+async def typing_until_text(
+    parts: AsyncIterator[ReplyPart], show_typing: ShowTyping, every: float
+) -> AsyncIterator[ReplyPart]:
+    """Show "typing…", renewed every `every` seconds, until the model's first text.
+
+    Notices ("you're in line") pass at once, and typing goes on after them: the model
+    is still at work, and posting a message clears a platform's indicator.
+    """
+    while True:
+        head = await _typing_while(anext(parts, None), show_typing, every)
+        if head is None:
+            return
+        yield head
+        if not isinstance(head, Notice):
+            break
+    async for part in parts:
+        yield part
+
+
+async def _typing_while(
+    next_part: Awaitable[ReplyPart | None], show_typing: ShowTyping, every: float
+) -> ReplyPart | None:
+    waiting = asyncio.ensure_future(next_part)
     try:
         while True:
             await show_typing()
-            done, _ = await asyncio.wait({first}, timeout=every)
+            done, _ = await asyncio.wait({waiting}, timeout=every)
             if done:
-                break
+                return waiting.result()
     finally:
-        if not first.done():  # cancelled while waiting: the answer stops too
-            first.cancel()
+        if not waiting.done():  # cancelled while waiting: the answer stops too
+            waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await first
-    head = first.result()
-    if head is None:
-        return
-    yield head
-    async for part in parts:
-        yield part
+                await waiting
 
 
 class ChatReplies:
@@ -110,7 +134,8 @@ class ChatReplies:
             incoming: the message, translated.
             sink: where the reply's messages are sent and edited.
             typing: shows the typing indicator once.
-            say: posts one plain message: the restart notice when a shutdown cuts in.
+            say: posts one plain message: the restart notice when a shutdown cuts in
+                before anything was posted (after, the posted text becomes the notice).
             order: replies with the same value appear in the order asked (default: the
                 conversation's channel).
             shared: call budgets every reply in the same chat spends from.
@@ -118,7 +143,8 @@ class ChatReplies:
         if self.in_flight.closing:  # stopping: the message stays unanswered, not half
             return
         # Both take their places in line now, before any await: arrival order.
-        parts = render(self._service.respond(incoming), self._style.notice)
+        answer = self._service.respond(incoming)
+        parts = typing_until_text(answer, typing, self._style.typing_every)
         delivery = StreamingDelivery(
             sink,
             self._style.limits,
@@ -127,8 +153,13 @@ class ChatReplies:
             after=self._line.join(order if order is not None else incoming.key.channel_key),
             on_rate_limited=self._rate_limited,
         )
-        deltas = typing_until_first(parts, typing, self._style.typing_every)
-        await self.in_flight.deliver(delivery.run(deltas), say)
+        deltas = render(parts, self._style.notice, delivery.turn)
+
+        async def cut_short(text: str) -> None:  # the partial text becomes the notice
+            if not await delivery.replace_with(text):
+                await say(text)
+
+        await self.in_flight.deliver(delivery.run(deltas), cut_short)
 
     async def text(self, incoming: Incoming) -> str:
         """The whole answer as one text, for platforms that post it at once."""

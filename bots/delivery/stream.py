@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -29,6 +30,15 @@ class RateLimited(Exception):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"rate limited for {retry_after:.2f} s")
         self.retry_after = retry_after
+
+
+class PlatformFailed(Exception):
+    """The platform failed in a way that may pass: a 5xx, a timeout, a network error."""
+
+
+# Waits after a platform failure: doubling from the first, capped.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 30.0
 
 
 class _OverBudget(Exception):
@@ -109,6 +119,7 @@ class Report:
     sends: int = 0
     edits: int = 0
     rate_limited: int = 0
+    failed: int = 0  # platform failures retried
     messages: int = 0
     finished_at: float = 0.0
 
@@ -145,7 +156,9 @@ class StreamingDelivery(Generic[Ref]):
         self._next_update = 0.0
         self._last_update = -float("inf")
         self._windows = [CallWindow(limits.burst, limits.window), *shared]
+        self._retry_wait = FIRST_RETRY_S
         self._after = after
+        self.turn = asyncio.Event()  # set when this reply's turn to be shown has come
         self.report = Report()
 
     def _visible(self) -> str:
@@ -164,6 +177,7 @@ class StreamingDelivery(Generic[Ref]):
         try:
             if self._after is not None:  # replies in a chat appear in the order asked
                 await self._after.wait()
+            self.turn.set()
             while not pumping.done():
                 waiter = asyncio.create_task(changed.wait())
                 await asyncio.wait({pumping, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -177,11 +191,27 @@ class StreamingDelivery(Generic[Ref]):
                 await self._update(final=False)
             await pumping
             await self._finish()
+        except Exception:
+            # The platform refused for good: the answer is still read to its end, so the
+            # service records the exchange; then the failure is reported.
+            with contextlib.suppress(Exception):
+                await pumping
+            raise
         finally:
             pumping.cancel()
             if self._after is not None:
                 self._after.leave()
         return self.report
+
+    async def replace_with(self, text: str) -> bool:
+        """Edit the message being streamed into `text` (a reply cut short says why there);
+        False when nothing was posted yet."""
+        if not self._shown:
+            return False
+        message, _ = self._shown[-1]
+        await self._sink.edit(message, text)
+        self._shown[-1] = (message, text)
+        return True
 
     async def _finish(self) -> None:
         """Deliver the final text, however long the budgets and the platform make us wait."""
@@ -243,5 +273,12 @@ class StreamingDelivery(Generic[Ref]):
                 self._on_rate_limited()
             self._next_update = time.monotonic() + limited.retry_after
             return False
+        except PlatformFailed as failed:
+            log.warning("platform call failed (%s); retrying in %.1f s", failed, self._retry_wait)
+            self.report.failed += 1
+            self._next_update = time.monotonic() + self._retry_wait
+            self._retry_wait = min(self._retry_wait * 2, MAX_RETRY_S)
+            return False
+        self._retry_wait = FIRST_RETRY_S
         self._last_update = time.monotonic()
         return True

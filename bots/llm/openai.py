@@ -13,7 +13,13 @@ from openai import AsyncOpenAI
 
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Usage
-from bots.core.ports import AdapterUnknown, ModelInterrupted, ModelRejected, ModelUnavailable
+from bots.core.ports import (
+    AdapterUnknown,
+    ModelInterrupted,
+    ModelRejected,
+    ModelTimedOut,
+    ModelUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,8 @@ def timeouts(*, connect: float, read: float) -> openai.Timeout:
 
 
 def _mapped(error: openai.OpenAIError) -> ModelUnavailable | ModelRejected:
+    if isinstance(error, openai.APITimeoutError):
+        return ModelTimedOut(f"model server took too long: {error}")
     if isinstance(error, RETRYABLE):
         return ModelUnavailable(f"model server unavailable: {error}")
     return ModelRejected(f"model server refused the request: {error}")
@@ -168,6 +176,8 @@ class OpenAIChatModel:
                 for chunk in parse_event(line):
                     started = started or bool(chunk.text)
                     yield chunk
+        except httpx2.TimeoutException as error:
+            raise ModelTimedOut(f"no part of the reply within the read timeout: {error}") from error
         except (httpx2.HTTPError, ServerError) as error:
             if started:
                 raise ModelInterrupted(f"reply stream broke: {error}") from error

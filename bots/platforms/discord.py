@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -19,10 +21,11 @@ from discord.http import Route
 
 from bots.core.commands import COMMANDS, HELP_TEXT, Option
 from bots.core.models import Author, ConversationKey, Incoming
+from bots.core.ports import Observer
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 from bots.delivery.reply import ChatReplies, ChatStyle
-from bots.delivery.stream import Limits, RateLimited
+from bots.delivery.stream import Limits, PlatformFailed, RateLimited
 from bots.platforms.errors import PlatformSetupError
 from bots.settings import DiscordSettings
 
@@ -35,6 +38,8 @@ DISCORD_STYLE = ChatStyle("discord", DISCORD_LIMITS, notice="-# {}".format, typi
 HOW_TO_ASK = "Mention me, reply to me, or DM me."
 # Model output must never notify anyone: no @everyone, @here, role, user or reply pings.
 NO_PINGS = discord.AllowedMentions.none()
+# discord.py's HTTP client waits out a 429 itself; it only logs it, with these words.
+WAITED_OUT_429 = ("We are being rate limited.", "Retrying in")
 INTENT_HELP = (
     "Discord refused the MESSAGE CONTENT intent. Turn it on in the developer portal: "
     "https://discord.com/developers/applications -> your app -> Bot -> Privileged Gateway "
@@ -97,19 +102,30 @@ class ChannelSink:
         )
 
     async def send(self, text: str) -> discord.Message:
-        reference, self._reply_to = self._reply_to, None
-        try:
-            if reference is None:
+        with delivery_errors():  # a send tried again is still the reply
+            if self._reply_to is None:
                 return await self._channel.send(text, allowed_mentions=NO_PINGS)
-            return await self._channel.send(text, allowed_mentions=NO_PINGS, reference=reference)
-        except discord.RateLimited as limited:
-            raise RateLimited(limited.retry_after) from limited
+            sent = await self._channel.send(
+                text, allowed_mentions=NO_PINGS, reference=self._reply_to
+            )
+        self._reply_to = None
+        return sent
 
     async def edit(self, message: discord.Message, text: str) -> None:
-        try:
+        with delivery_errors():
             await message.edit(content=text, allowed_mentions=NO_PINGS)
-        except discord.RateLimited as limited:
-            raise RateLimited(limited.retry_after) from limited
+
+
+@contextlib.contextmanager
+def delivery_errors() -> Iterator[None]:
+    """Say what a failed call means for the delivery: wait out a 429, retry what may pass
+    (a 5xx once discord.py's own retries are spent, a lost connection, a timeout)."""
+    try:
+        yield
+    except discord.RateLimited as limited:
+        raise RateLimited(limited.retry_after) from limited
+    except (discord.DiscordServerError, aiohttp.ClientError, TimeoutError) as error:
+        raise PlatformFailed(str(error)) from error
 
 
 def typing_in(channel: discord.abc.Messageable) -> Callable[[], Awaitable[None]]:
@@ -220,9 +236,14 @@ class DiscordChat:
         )
 
     async def command(self, interaction: discord.Interaction, text: str) -> None:
-        """Answer a slash command privately (only its user sees the answer)."""
+        """Answer a slash command privately (only its user sees the answer).
+
+        Discord drops an interaction not acknowledged within 3 s, and an answer may take
+        longer (a /reset ending a reply, a slow store): acknowledge now, answer after.
+        """
+        await interaction.response.defer(ephemeral=True, thinking=True)
         answer = await self._replies.text(self.command_incoming(interaction, text))
-        await interaction.response.send_message(
+        await interaction.followup.send(
             answer[: DISCORD_LIMITS.max_chars], ephemeral=True, allowed_mentions=NO_PINGS
         )
 
@@ -357,6 +378,52 @@ class ParleyDiscord(discord.Client):
         await self.chat.on_delete(payload, self.get_channel(payload.channel_id), self.user)
 
 
+class RateLimitCounter(logging.Filter):
+    """Report each 429 that discord.py waits out to the Observer: it has no event for them,
+    only a warning on its `discord.http` logger, where this filter sits.
+
+    It counts only the records of the client it was installed for (the context `run_discord`
+    runs in), and passes on only those at the level the logs were asked for.
+    """
+
+    def __init__(self, observer: Observer, shown: int) -> None:
+        super().__init__()
+        self._observer = observer
+        self._shown = shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        start, then = WAITED_OUT_429
+        message = record.msg if isinstance(record.msg, str) else ""
+        if _counting.get() is self and message.startswith(start) and then in message:
+            # One raised instead (too long to wait) reaches the sink as RateLimited, and the
+            # delivery reports it, so it is not counted here.
+            self._observer.platform_limited(DISCORD_STYLE.platform)
+        return record.levelno >= self._shown
+
+
+_counting: contextvars.ContextVar[RateLimitCounter | None] = contextvars.ContextVar(
+    "discord_429_counter", default=None
+)
+
+
+@contextlib.contextmanager
+def counting_rate_limits(observer: Observer) -> Iterator[None]:
+    """Report the 429s discord.py waits out in this context to `observer`, whatever the
+    log level (its warnings are made, counted, then shown only if asked for)."""
+    logger = logging.getLogger("discord.http")
+    level, shown = logger.level, logger.getEffectiveLevel()
+    counter = RateLimitCounter(observer, shown)
+    logger.setLevel(min(shown, logging.WARNING))
+    logger.addFilter(counter)
+    token = _counting.set(counter)
+    try:
+        yield
+    finally:
+        _counting.reset(token)
+        logger.removeFilter(counter)
+        logger.setLevel(level)
+
+
 def use_endpoints(settings: DiscordSettings) -> None:
     """Point discord.py at other REST and gateway URLs (proxies, or a test server)."""
     if settings.api_base_url:
@@ -410,17 +477,17 @@ async def run_discord(
     use_endpoints(settings)
     chat = DiscordChat(service, settings, in_flight)
     client = ParleyDiscord(chat, shard_of(settings))
-    async with client:  # on the way out, after the replies: close the connections
-        try:
-            await client.start(settings.token.get_secret_value())
-        except discord.PrivilegedIntentsRequired as error:
-            raise DiscordSetupError(INTENT_HELP) from error
-        except discord.LoginFailure as error:
-            raise DiscordSetupError(
-                "Discord rejected DISCORD_TOKEN: check the bot token"
-            ) from error
-        finally:
-            await chat.in_flight.drain(settings.shutdown_seconds)
+    with counting_rate_limits(service.observer):
+        async with client:  # on the way out, after the replies: close the connections
+            try:
+                await client.start(settings.token.get_secret_value())
+            except discord.PrivilegedIntentsRequired as error:
+                raise DiscordSetupError(INTENT_HELP) from error
+            except discord.LoginFailure as error:
+                rejected = "Discord rejected DISCORD_TOKEN: check the bot token"
+                raise DiscordSetupError(rejected) from error
+            finally:
+                await chat.in_flight.drain(settings.shutdown_seconds)
 
 
 class DiscordSetupError(PlatformSetupError):

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
-from telegram import BotCommand, Message, Update
+from telegram import Bot, BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType, ParseMode
-from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core.commands import COMMANDS, HELP_TEXT
@@ -18,9 +19,9 @@ from bots.core.models import Author, ConversationKey, Incoming
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 from bots.delivery.reply import ChatReplies, ChatStyle
-from bots.delivery.stream import CallWindow, Limits, RateLimited
+from bots.delivery.stream import CallWindow, Limits, PlatformFailed, RateLimited
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.telegram_markup import to_html
+from bots.platforms.telegram_markup import italic, to_html
 from bots.settings import TelegramSettings
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,50 @@ GROUP_PER_MINUTE = 20
 GROUP_RESERVE = 6  # of those 20, kept for final texts: streaming edits stop earlier
 KNOWN_CHATS = 10_000
 # Notices in italics; "typing…" lasts 5 s, so it is renewed every 4.
-TELEGRAM_STYLE = ChatStyle("telegram", TELEGRAM_LIMITS, notice="_{}_".format, typing_every=4.0)
+TELEGRAM_STYLE = ChatStyle("telegram", TELEGRAM_LIMITS, notice=italic, typing_every=4.0)
 # The command menu: /start, which Telegram clients send first, then the core's commands.
 MENU = [
     BotCommand("start", "Start talking to Parley"),
     *(BotCommand(spec.name, spec.summary) for spec in COMMANDS),
 ]
 HOW_TO_ASK = "In groups, mention me or reply to me."
+MENTIONS: list[str | None] = [MessageEntity.MENTION, MessageEntity.TEXT_MENTION]
 GROUP_ADMINS = (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
 START_TEXT = "Hi! Send me a message and I'll answer. /help lists what I understand."
+ONLY_TEXT = (
+    "I can only read text: send your question as a message, or as a photo's or file's caption."
+)
 
 
 def is_group(message: Message) -> bool:
     return message.chat.type in (ChatType.GROUP, ChatType.SUPERGROUP)
+
+
+def words_of(message: Message) -> str | None:
+    """What a message says: its text, or a photo's or file's caption; None for bare media."""
+    return message.text if message.text is not None else message.caption
+
+
+def entities_of(message: Message, types: list[str | None]) -> dict[MessageEntity, str]:
+    """The entities of these types in the message's words, each with the text it covers."""
+    if message.text is not None:
+        return message.parse_entities(types)
+    return message.parse_caption_entities(types)
+
+
+def is_me(entity: MessageEntity, covered: str, me: Bot) -> bool:
+    """Whether a mention names the bot: @its_username (any case), or its user."""
+    if entity.type == MessageEntity.TEXT_MENTION:
+        return entity.user is not None and entity.user.id == me.id
+    return covered[1:].lower() == me.username.lower()
+
+
+def without(text: str, entities: Iterable[MessageEntity]) -> str:
+    """The text with these entities cut out; their offsets count UTF-16 code units."""
+    units = text.encode("utf-16-le")
+    for entity in sorted(entities, key=lambda e: e.offset, reverse=True):
+        units = units[: 2 * entity.offset] + units[2 * (entity.offset + entity.length) :]
+    return units.decode("utf-16-le")
 
 
 def conversation_of(message: Message) -> ConversationKey:
@@ -55,24 +87,40 @@ def conversation_of(message: Message) -> ConversationKey:
 
 
 class ChatSink:
-    """Send and edit a reply's messages as HTML; fall back to plain text if Telegram objects."""
+    """Send and edit a reply's messages as HTML; fall back to plain text if Telegram objects.
+
+    Outside private chats the first message replies to the asker's (plainly, if it was
+    deleted meanwhile), so each asker sees which answer is theirs; continuations do not.
+    """
 
     def __init__(self, message: Message) -> None:
         self._message = message
         self._thread = message.message_thread_id if message.is_topic_message else None
+        self._reply_to: ReplyParameters | None = (
+            None
+            if message.chat.type == ChatType.PRIVATE
+            else ReplyParameters(message.message_id, allow_sending_without_reply=True)
+        )
 
     async def send(self, text: str) -> Message:
         chat = self._message.get_bot()
         try:
-            return await self._plain_if_refused(
+            sent = await self._plain_if_refused(
                 lambda mode, body: chat.send_message(
                     self._message.chat.id, body, parse_mode=mode,
                     message_thread_id=self._thread, disable_web_page_preview=True,
+                    reply_parameters=self._reply_to,
                 ),
                 text,
             )  # fmt: skip
-        except RetryAfter as error:
+        except RetryAfter as error:  # the send is tried again, still as the reply
             raise RateLimited(_seconds(error.retry_after)) from error
+        except BadRequest:  # refused for good (PTB counts it a NetworkError)
+            raise
+        except NetworkError as error:  # a 5xx, a timeout, a lost connection: it may pass
+            raise PlatformFailed(str(error)) from error
+        self._reply_to = None
+        return sent
 
     async def edit(self, message: Message, text: str) -> None:
         try:
@@ -87,6 +135,8 @@ class ChatSink:
         except BadRequest as error:
             if "not modified" not in error.message.lower():
                 raise
+        except NetworkError as error:
+            raise PlatformFailed(str(error)) from error
 
     @staticmethod
     async def _plain_if_refused(call: object, text: str) -> Message:
@@ -125,6 +175,7 @@ class TelegramChat:
         settings: TelegramSettings,
         in_flight: InFlight | None = None,
     ) -> None:
+        self._service = service
         self._settings = settings
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
         self._replies = ChatReplies(
@@ -148,45 +199,57 @@ class TelegramChat:
             return False
         return not s.allowed_chats or message.chat.id in s.allowed_chats
 
-    def addressed_text(self, message: Message, username: str) -> str | None:
-        """The text meant for the bot, or None when a group message is not for it."""
-        text = message.text or ""
+    def addressed_text(self, message: Message, me: Bot) -> str | None:
+        """The words meant for the bot, or None when the message is not for it.
+
+        A command is for the bot unless it names another (/cmd@other). In groups, so is
+        a message that mentions the bot (the mention is cut out), replies to it, or
+        starts with the trigger prefix.
+        """
+        text = words_of(message) or ""
+        commands = entities_of(message, [MessageEntity.BOT_COMMAND])
+        if command := next((word for e, word in commands.items() if e.offset == 0), None):
+            _, at, target = command.partition("@")
+            return text if not at or target.lower() == me.username.lower() else None
         if not is_group(message):
             return text
-        mention = f"@{username}"
-        if mention.lower() in text.lower():
-            start = text.lower().index(mention.lower())
-            return (text[:start] + text[start + len(mention) :]).strip()
+        mentions = [
+            e for e, covered in entities_of(message, MENTIONS).items() if is_me(e, covered, me)
+        ]
+        if mentions:
+            return without(text, mentions).strip()
         replied = message.reply_to_message
-        if replied and replied.from_user and replied.from_user.username == username:
+        if replied and replied.from_user and replied.from_user.id == me.id:
             return text
         prefix = self._settings.trigger_prefix
         if prefix and text.startswith(prefix):
             return text[len(prefix) :].strip()
         return None
 
-    async def on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer a new message meant for the bot; say what it reads if it has no words."""
         message = update.effective_message
         if message is None or not self.is_admitted(message):
             return
-        text = self.addressed_text(message, context.bot.username)
-        if text is None:
+        incoming = self.incoming_of(message, context.bot)
+        if incoming is None:
             return
         with self.in_flight.track():  # from here on, a reply is under way
+            if words_of(message) is None:  # a sticker, voice note, location...: no model call
+                await message.reply_text(ONLY_TEXT)
+                return
             # "@bot /reset" is a command too; only commands ask who is an admin.
-            is_admin = text.startswith("/") and await self.is_admin(message)
-            await self._answer(message, text, is_admin=is_admin)
+            if incoming.text.startswith("/"):
+                incoming = replace(incoming, is_admin=await self.is_admin(message))
+            await self._answer(message, incoming)
 
-    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Hand a command to the core, unless it is addressed to another bot (/cmd@other)."""
+    async def on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Update the stored turn of an edited message; an edit is never answered."""
         message = update.effective_message
-        if message is None or not message.text or not self.is_admitted(message):
+        if message is None or not self.is_admitted(message):
             return
-        _, at, target = message.text.split(maxsplit=1)[0].partition("@")
-        if at and target.lower() != context.bot.username.lower():
-            return
-        with self.in_flight.track():  # from here on, a reply is under way
-            await self._answer(message, message.text, is_admin=await self.is_admin(message))
+        if (edited := self.incoming_of(message, context.bot)) is not None:
+            await self._service.edit(edited)
 
     async def is_admin(self, message: Message) -> bool:
         """An admin may change what a group shares: TELEGRAM_ADMINS, or the group's own."""
@@ -201,8 +264,11 @@ class TelegramChat:
             return False
         return member.status in GROUP_ADMINS
 
-    def incoming_of(self, message: Message, text: str, *, is_admin: bool = False) -> Incoming:
-        """Translate a message into the core's type, with the text meant for the bot."""
+    def incoming_of(self, message: Message, me: Bot) -> Incoming | None:
+        """Translate a message, new or edited, into the core's type; None if not for the bot."""
+        text = self.addressed_text(message, me)
+        if text is None:
+            return None
         user = message.from_user
         return Incoming(
             conversation_of(message),
@@ -210,13 +276,12 @@ class TelegramChat:
             author=Author(str(user.id), user.full_name) if user else None,
             in_group=is_group(message),
             message_id=str(message.message_id),
-            is_admin=is_admin,
         )
 
-    async def _answer(self, message: Message, text: str, *, is_admin: bool) -> None:
+    async def _answer(self, message: Message, incoming: Incoming) -> None:
         # Replies in a chat appear in the order asked, across its topics too.
         await self._replies.answer(
-            self.incoming_of(message, text, is_admin=is_admin),
+            incoming,
             ChatSink(message),
             typing=typing_in(message),
             say=message.reply_text,
@@ -244,10 +309,18 @@ def build_application(chat: TelegramChat, settings: TelegramSettings) -> Applica
     if settings.base_url:
         builder = builder.base_url(settings.base_url)
     application = builder.concurrent_updates(True).build()
-    application.add_handler(CommandHandler("start", chat.on_start))
-    application.add_handler(CommandHandler("help", chat.on_help))
-    application.add_handler(MessageHandler(filters.COMMAND, chat.on_command))
-    application.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, chat.on_text))
+    # New messages are answered; edits only update the stored turn. A channel's posts
+    # are its messages only when configured: a bot added to a channel stays silent.
+    new: filters.BaseFilter = filters.UpdateType.MESSAGE
+    edited: filters.BaseFilter = filters.UpdateType.EDITED_MESSAGE
+    if settings.answer_channel_posts:
+        new |= filters.UpdateType.CHANNEL_POST
+        edited |= filters.UpdateType.EDITED_CHANNEL_POST
+    application.add_handler(CommandHandler("start", chat.on_start, filters=new))
+    application.add_handler(CommandHandler("help", chat.on_help, filters=new))
+    worded = filters.TEXT | filters.CAPTION  # not service messages, nor live locations' edits
+    application.add_handler(MessageHandler(new & (worded | filters.ATTACHMENT), chat.on_message))
+    application.add_handler(MessageHandler(edited & worded, chat.on_edit))
     application.add_error_handler(chat.on_error)
     return application
 

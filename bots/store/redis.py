@@ -63,14 +63,23 @@ return 1
 """
 
 # Find the turn whose "id" is ARGV[2]; ARGV[1] says to edit its content to ARGV[3] or to
-# delete it. One script, so a concurrent append can never interleave with the change.
+# delete it, and with a user's message the answers to it. One script, so a concurrent
+# append can never interleave with the change.
 CHANGE_TURN = """
-for index, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for index, raw in ipairs(items) do
   local ok, turn = pcall(cjson.decode, raw)
   if ok and type(turn) == 'table' and turn['id'] == ARGV[2] then
     if ARGV[1] == 'delete' then
       redis.call('LSET', KEYS[1], index - 1, '__parley_deleted__')
-      redis.call('LREM', KEYS[1], 1, '__parley_deleted__')
+      if turn['role'] == 'user' then
+        for later = index + 1, #items do
+          local read, answer = pcall(cjson.decode, items[later])
+          if not read or type(answer) ~= 'table' or answer['role'] ~= 'assistant' then break end
+          redis.call('LSET', KEYS[1], later - 1, '__parley_deleted__')
+        end
+      end
+      redis.call('LREM', KEYS[1], 0, '__parley_deleted__')
     else
       turn['content'] = ARGV[3]
       redis.call('LSET', KEYS[1], index - 1, cjson.encode(turn))
