@@ -136,6 +136,7 @@ def chat_policy(settings: BotSettings) -> ChatPolicy:
         per_user_in_groups=chat.group_conversation == "user",
         max_in_flight=settings.limits.max_in_flight,
         collect_default=chat.collect_default,
+        show_reasoning=chat.show_reasoning,
     )
 
 

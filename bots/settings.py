@@ -80,6 +80,9 @@ class ChatSettings(BaseModel):
     collect_default: bool = Field(
         default=False, description="Export conversations for training unless an admin opts out."
     )
+    show_reasoning: bool = Field(
+        default=False, description="Stream <think> blocks to users; they are never stored."
+    )
 
 
 class LimitsSettings(BaseModel):
@@ -128,7 +131,6 @@ class DiscordSettings(BaseModel):
         description="Users who may set personas and reset shared conversations, besides "
         "members with the Manage Channels permission.",
     )
-    show_reasoning: bool = False
     shutdown_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
     )
@@ -161,7 +163,6 @@ class TelegramSettings(BaseModel):
     webhook_secret: SecretStr | None = None
     webhook_listen: str = "0.0.0.0"
     webhook_port: int = Field(default=8443, ge=1, le=65535)
-    show_reasoning: bool = False
     shutdown_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
     )

@@ -3,7 +3,8 @@
 discord.py runs unchanged against it: it logs in over REST, fetches the gateway URL,
 connects a real websocket (zlib-stream compressed, as Discord sends), identifies,
 receives READY and GUILD_CREATE, and then whatever events a test dispatches. Every REST
-call is recorded; `script_429` makes chosen calls answer 429 with a `retry_after`.
+call is recorded; `script_429` makes chosen calls answer 429 with a `retry_after`,
+`fail_next` and `fail_share` make chosen or random ones fail with a 5xx.
 Interactions behave as Discord's do: the callback (4: answered, 5: deferred) must come
 within `INTERACTION_WINDOW` seconds of the interaction, or it is an "Unknown interaction"
 (404); a deferred one is answered by a followup, `POST /webhooks/{application}/{token}`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -75,6 +77,12 @@ def _answers(call: Call) -> bool:
     return call.path.endswith("/callback") and call.body["type"] == 4
 
 
+def _writes_message(method: str, path: str) -> bool:
+    """Whether a call posts (POST) or edits (PATCH) a message of a channel."""
+    parts = path.strip("/").split("/")
+    return parts[0] == "channels" and parts[2:3] == ["messages"] and method in ("POST", "PATCH")
+
+
 @dataclass
 class FakeDiscord:
     reject_intents: bool = False
@@ -84,6 +92,9 @@ class FakeDiscord:
     # Statuses the next calls matching "METHOD /path" get instead (503: unavailable; discord.py
     # itself retries 500, 502, 504 and 524 a few times, and raises on the others).
     fail_next: dict[str, list[int]] = field(default_factory=dict)
+    # The share of channel message posts and edits answered 503 at random, from `fail_random`.
+    fail_share: float = 0.0
+    fail_random: random.Random = field(default_factory=lambda: random.Random(0))
     identified: asyncio.Event = field(default_factory=asyncio.Event)
     shard: list[int] | None = None  # [id, count] the client identified with
     intents: int = 0
@@ -138,10 +149,12 @@ class FakeDiscord:
             refusal = {"message": "Missing Permissions", "code": 50013}
             return self._refuse(call, refusal, status=403)
         key = f"{request.method} {path.rsplit('/', 1)[0] if request.method == 'PATCH' else path}"
-        for pattern, statuses in self.fail_next.items():
-            if pattern in key and statuses:
-                failure = {"message": "Service Unavailable", "code": 0}
-                return self._refuse(call, failure, status=statuses.pop(0))
+        status = next((s.pop(0) for p, s in self.fail_next.items() if p in key and s), None)
+        if status is None and _writes_message(request.method, path):
+            status = 503 if self.fail_random.random() < self.fail_share else None
+        if status is not None:
+            failure = {"message": "Service Unavailable", "code": 0}
+            return self._refuse(call, failure, status=status)
         for pattern, delays in self.script_429.items():
             if pattern in key and delays:
                 retry = delays.pop(0)

@@ -5,7 +5,8 @@ edited messages, channel posts, with mention entities as Telegram finds them), a
 `sendMessage`, `editMessageText`, `sendChatAction`, `setMyCommands`, `setWebhook` and
 friends the way Telegram does, including its errors: 429 with `retry_after` when a
 chat's limits are exceeded, 400 "can't parse entities" for malformed HTML, and 400
-"message is not modified" for an edit that changes nothing.
+"message is not modified" for an edit that changes nothing; and, when asked, 502 for the
+next calls of a method (`fail_next`) or for a share of sends and edits (`fail_share`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import html.parser
 import itertools
 import json
 import math
+import random
 import re
 import time
 from collections import defaultdict, deque
@@ -33,6 +35,7 @@ NOT_MODIFIED = (
     "Bad Request: message is not modified: specified new message content and reply markup "
     "are exactly the same as a current content and reply markup of the message"
 )
+WRITES = ("sendMessage", "editMessageText")  # what `fail_share` applies to
 NUMERIC = {"chat_id", "message_id", "offset", "timeout", "limit", "message_thread_id"}
 
 
@@ -200,6 +203,9 @@ class FakeTelegram:
     reject_html: int = 0  # answer the next N HTML messages with "can't parse entities"
     # The statuses the next calls of a method get instead of an answer (502: a bad gateway).
     fail_next: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # The share of sends and edits answered 502 at random, drawn from `fail_random`.
+    fail_share: float = 0.0
+    fail_random: random.Random = field(default_factory=lambda: random.Random(0))
     port: int = 0
     calls: list[Call] = field(default_factory=list)
     messages: dict[int, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
@@ -293,8 +299,10 @@ class FakeTelegram:
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
-        if self.fail_next[method]:
-            status = self.fail_next[method].pop(0)
+        status = self.fail_next[method].pop(0) if self.fail_next[method] else None
+        if status is None and method in WRITES and self.fail_random.random() < self.fail_share:
+            status = HTTPStatus.BAD_GATEWAY
+        if status is not None:
             response = self._error(status, HTTPStatus(status).phrase)
         else:
             response = await self._answer(method, params)

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bots.core.context import ContextFitter
-from bots.core.models import ConversationKey, Incoming, PromptMessage, Role, Turn
+from bots.core.context import ByteRates, ContextFitter, bound_tokens
+from bots.core.models import ConversationKey, Incoming, Notice, PromptMessage, Role, Turn
 from bots.core.service import ChatPolicy, ConversationService
-from tests.fakes import MemoryStore, ScriptedModel
+from tests.fakes import MemoryStore, ScriptedModel, collect
 
 KEY = ConversationKey("test", "ctx")
 
@@ -167,3 +167,58 @@ async def test_an_unanswered_message_is_read_with_the_next_and_an_orphan_answer_
         (Role.ASSISTANT, "Hello Ada"),
         (Role.USER, "I like tea (its reply failed)\n\nwhat do I like?"),
     ]
+
+
+def user(text: str) -> list[PromptMessage]:
+    return [PromptMessage(Role.SYSTEM, "sys"), PromptMessage(Role.USER, text)]
+
+
+def test_measured_rates_bound_only_cjk_text_and_never_past_the_bytes() -> None:
+    rates = ByteRates()
+    chinese, english = user("这是一条很长的消息" * 40), user("a long message " * 40)
+    rates.observe(user("你好"), 12)  # too short to say anything
+    rates.observe(english, 130)  # other text keeps the byte bound whatever it cost
+    assert rates.bound(chinese) == bound_tokens(chinese)
+    rates.observe(chinese, 370)  # 1 token a character, plus the template
+    assert rates.bound(chinese) < 0.6 * bound_tokens(chinese)
+    for other in (english, user("длинное сообщение " * 40), user("🙂" * 300), user("x1 " * 500)):
+        assert rates.bound(other) == bound_tokens(other)
+    rates.observe(chinese, 3 * 370)  # a model that needs 3 tokens a character
+    assert rates.bound(chinese) == bound_tokens(chinese)
+    rates.distrust()
+    rates.observe(chinese, 1)
+    assert rates.bound(chinese) == bound_tokens(chinese)
+
+
+def shortened_text(parts: Sequence[object]) -> str:
+    (said,) = [p.text for p in parts if isinstance(p, Notice)]
+    return said
+
+
+async def test_the_notice_says_how_many_characters_of_a_cut_message_were_read() -> None:
+    model = ScriptedModel(window=1000)
+    policy = ChatPolicy(reply_tokens=200, system_prompt="Be brief.")
+    service = ConversationService(MemoryStore(), model, policy=policy)
+    said = shortened_text(await collect(service, Incoming(KEY, "word " * 50_000)))
+    read = len(model.prompts[0][-1].content) - len(" [...]")
+    assert said == (
+        "Your message is longer than I can read at once; "
+        f"I read its first {read:,} of 250,000 characters."
+    )
+    assert 3_000 < read < 4_000
+
+
+async def test_the_notice_says_where_a_message_over_the_character_cap_was_cut() -> None:
+    policy = ChatPolicy(max_message_chars=100, system_prompt="Be brief.")
+    service = ConversationService(MemoryStore(), ScriptedModel(), policy=policy)
+    said = shortened_text(await collect(service, Incoming(KEY, "a" * 5_000)))
+    assert said.endswith("I read its first 100 of 5,000 characters.")
+
+
+async def test_the_figure_counts_the_user_s_text_not_the_author_s_name() -> None:
+    model = ScriptedModel()
+    fitter = ContextFitter(model.count_tokens, target=0.5)
+    new = Turn(Role.USER, "w " * 1000, name="Ada", seq=1)
+    fitted = await fitter.fit("sys", [], new, window_start=None, budget=300)
+    kept = fitted.messages[-1].content.removeprefix("Ada: ").removesuffix(" [...]")
+    assert fitted.shortened and fitted.read == len(kept)

@@ -19,7 +19,7 @@ import pytest
 from bots.core.commands import COMMANDS
 from bots.core.models import ConversationKey, PromptMessage, Role
 from bots.core.service import ConversationService
-from bots.delivery.inflight import RESTART_NOTICE, InFlight
+from bots.delivery.inflight import CLOSED_NOTICE, RESTART_NOTICE, InFlight
 from bots.delivery.split import split_message
 from bots.ops import Metrics
 from bots.platforms.discord import (
@@ -526,11 +526,12 @@ async def test_stopping_finishes_or_ends_a_streamed_reply(
             await bot.say(DM_CHANNEL_ID, "anyone there?")  # while stopping: not taken
         await asyncio.gather(running, return_exceptions=True)
     turns = await store.load(key)
+    shown = [text for text in bot.shown(DM_CHANNEL_ID) if text != CLOSED_NOTICE]
     if gated:
-        assert bot.shown(DM_CHANNEL_ID) == [RESTART_NOTICE]
+        assert shown == [RESTART_NOTICE]
         assert turns == [], "nothing half-written"
     else:
-        assert bot.shown(DM_CHANNEL_ID) == ["one two three four five six seven eight"]
+        assert shown == ["one two three four five six seven eight"]
         assert [t.content for t in turns] == ["tell me", "one two three four five six seven eight"]
     assert len(model.prompts) == 1
 
@@ -633,3 +634,28 @@ async def test_discord_s_429s_are_counted_for_the_platform_whatever_the_log_leve
     assert bot.metrics.sample("parley_platform_rate_limited_total", platform="discord") == 2
     logged = [r for r in caplog.records if r.getMessage().startswith("We are being rate limited")]
     assert len(logged) == (2 if http_log_level == logging.WARNING else 0), "shown if asked for"
+
+
+async def test_a_message_that_arrives_while_stopping_is_told_to_come_back(
+    store: RedisContextStore, settings: DiscordSettings
+) -> None:
+    model = FixedModel(echo)
+    model.gates[str(ConversationKey("discord", f"dm/{DM_CHANNEL_ID}"))] = asyncio.Event()
+    async with FakeDiscord() as fake:
+        configured = settings.model_copy(
+            update={"api_base_url": fake.api_base, "gateway_url": fake.gateway_url,
+                    "shutdown_seconds": 5.0}
+        )  # fmt: skip
+        in_flight = InFlight()
+        service = ConversationService(store, model)
+        running = asyncio.create_task(run_discord(service, configured, in_flight))
+        await asyncio.wait_for(fake.identified.wait(), 10)
+        bot = Bot(fake, model, store, in_flight, Metrics())
+        await bot.say(DM_CHANNEL_ID, "tell me")  # its reply holds the shutdown for a while
+        await fake.wait_for(lambda: bool(fake.calls_to("POST", "/typing")), 10)
+        running.cancel()
+        await asyncio.wait_for(in_flight.stopping(), 10)
+        await bot.say(DM_CHANNEL_ID, "anyone there?")
+        await fake.wait_for(lambda: CLOSED_NOTICE in bot.sent(DM_CHANNEL_ID), 10)
+        await asyncio.gather(running, return_exceptions=True)
+    assert len(model.prompts) == 1, "the late message cost no model call"

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
 
-from bots.core.context import bound_tokens
-from bots.core.models import Chunk, PromptMessage, Role, Usage
+from bots.core.context import ContextFitter, Fitted, bound_tokens
+from bots.core.models import Chunk, PromptMessage, Role, Turn, Usage
 from bots.core.ports import (
     AdapterUnknown,
     ModelInterrupted,
     ModelRejected,
     ModelTimedOut,
     ModelUnavailable,
+    PromptTooLong,
 )
 from bots.llm.openai import SESSION_HEADER, OpenAIChatModel, ServerError, parse_event, timeouts
 from tests.conftest import free_port
-from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status
+from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Reply, Status, count_words
 
 PROMPT = [PromptMessage(Role.SYSTEM, "sys"), PromptMessage(Role.USER, "hi")]
 
@@ -198,3 +202,130 @@ async def test_an_adapter_the_server_does_not_serve_is_reported_as_such() -> Non
     async with FakeOpenAI([Status(404, "The model `gone-1` does not exist.")]) as server:
         with pytest.raises(AdapterUnknown, match="gone-1"):
             await drain(model_for(server.base_url).stream(PROMPT, session="s", adapter="gone-1"))
+
+
+@dataclass
+class CountingServer(FakeOpenAI):
+    """A server without `/tokenize` whose replies report the prompt tokens it really read.
+
+    It counts like a served tokenizer: `per_char` tokens for each character outside ASCII
+    (1 for a model that knows Chinese, 3 for the worst a byte-level BPE can do), one per
+    ASCII word, 4 per message and 3 for the reply's start; like vLLM, it refuses a prompt
+    that leaves no room for `max_tokens`.
+    """
+
+    can_tokenize: bool = False
+    per_char: int = 1
+
+    async def __aenter__(self) -> CountingServer:
+        await super().__aenter__()
+        return self
+
+    def served_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        return 3 + sum(
+            4
+            + count_words(m["content"])
+            + self.per_char * sum(not c.isascii() for c in m["content"])
+            for m in messages
+        )
+
+    def _asked_tokens(self) -> int:
+        return self.served_tokens(self.requests[-1].body["messages"])
+
+    async def _stream(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+        tokens, room = self._asked_tokens(), self.requests[-1].body["max_tokens"]
+        if tokens + room > self.max_model_len:
+            message = (
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {tokens + room} tokens."
+            )
+            await self._send_json(writer, 400, {"error": {"message": message, "code": 400}})
+            return True
+        return await super()._stream(writer, reply)
+
+    def _event(self, payload: dict[str, Any]) -> bytes:
+        if "usage" in payload:
+            payload = {
+                **payload,
+                "usage": {**payload["usage"], "prompt_tokens": self._asked_tokens()},
+            }
+        return super()._event(payload)
+
+
+def chinese(chars: int) -> str:
+    return ("这是一条关于上下文窗口的很长的消息。" * (chars // 18 + 1))[:chars]
+
+
+def served(server: CountingServer, prompt: Sequence[PromptMessage]) -> int:
+    return server.served_tokens([{"role": m.role.value, "content": m.content} for m in prompt])
+
+
+async def measure(model: OpenAIChatModel) -> None:
+    """Answer one Chinese message, whose usage report the client measures rates by."""
+    await drain(model.stream([PROMPT[0], PromptMessage(Role.USER, chinese(400))], session="s"))
+
+
+async def by_bytes(prompt: Sequence[PromptMessage]) -> int:
+    return bound_tokens(prompt)
+
+
+async def fit_long_message(model: OpenAIChatModel, text: str) -> tuple[Fitted, Fitted, int]:
+    """Fit one long message by the model's count and by the bare byte bound, and the budget."""
+    budget = await model.context_window() - 64
+    new = Turn(Role.USER, text, seq=3)
+    fitted = [
+        await ContextFitter(count, target=0.5).fit("sys", [], new, window_start=None, budget=budget)
+        for count in (model.count_tokens, by_bytes)
+    ]
+    return fitted[0], fitted[1], budget
+
+
+async def test_without_tokenize_chinese_is_read_by_the_rate_the_server_reported() -> None:
+    """With 1 token a character, 923 characters fit: the byte bound read 295, the rate 572."""
+    async with CountingServer([Reply("好的")], max_model_len=1000) as server:
+        model = model_for(server.base_url)
+        await measure(model)
+        fitted, strict, budget = await fit_long_message(model, chinese(5000))
+        texts, _ = await drain(model.stream(fitted.messages, session="s"))
+    fits = budget - served(server, [PROMPT[0], PromptMessage(Role.USER, " [...]")])
+    assert texts, "the server took the prompt"
+    assert served(server, fitted.messages) <= budget
+    assert fitted.shortened and strict.shortened
+    assert strict.read < fits / 3 < fits / 2 < fitted.read <= fits
+
+
+async def test_a_model_that_needs_three_tokens_a_character_is_never_sent_too_much() -> None:
+    texts = [chinese(300), chinese(5000), "mixed words " * 300 + chinese(2000), "x " * 3000]
+    async with CountingServer([Reply("ok")], max_model_len=1000, per_char=3) as server:
+        model = model_for(server.base_url)
+        for text in texts:
+            fitted, strict, budget = await fit_long_message(model, text)
+            await drain(model.stream(fitted.messages, session="s"))  # a refusal would raise
+            assert served(server, fitted.messages) <= budget
+            assert fitted.read >= strict.read
+
+
+async def test_a_prompt_refused_as_too_long_sends_the_count_back_to_the_byte_bound() -> None:
+    async with CountingServer([Reply("好的")], max_model_len=1000) as server:
+        model = model_for(server.base_url)
+        await measure(model)
+        server.per_char = 3  # rarer characters than any the rate was measured on
+        fitted, _, budget = await fit_long_message(model, chinese(5000))
+        with pytest.raises(PromptTooLong, match="maximum context length"):
+            await drain(model.stream(fitted.messages, session="s"))
+        assert await model.count_tokens(fitted.messages) == bound_tokens(fitted.messages)
+        again, _, _ = await fit_long_message(model, chinese(5000))  # fitted once more
+        texts, _ = await drain(model.stream(again.messages, session="s"))
+    assert texts and served(server, again.messages) <= budget
+    assert isinstance(PromptTooLong("x"), ModelRejected), "the service's notices still apply"
+
+
+async def test_another_bad_request_is_a_rejection_and_keeps_the_measured_rate() -> None:
+    async with CountingServer([Reply("好的"), Status(400, "unknown field")]) as server:
+        model = model_for(server.base_url)
+        await measure(model)
+        prompt = [PROMPT[0], PromptMessage(Role.USER, chinese(400))]
+        with pytest.raises(ModelRejected) as refused:
+            await drain(model.stream(prompt, session="s"))
+        assert not isinstance(refused.value, PromptTooLong)
+        assert await model.count_tokens(prompt) < 0.6 * bound_tokens(prompt)

@@ -17,6 +17,8 @@ only what it must, which is a sliding window) and the room kept for the reply
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,17 @@ MESSAGE_OVERHEAD_TOKENS = 8
 TEMPLATE_SLACK_TOKENS = 64
 SHORTENED_SUFFIX = " [...]"
 SHORTEN_ROUNDS = 4
+# A measured tokens-per-byte rate is used only with this much to spare: the same model
+# needs more tokens for rarer characters than for the text it was measured on.
+RATE_MARGIN = 1.5
+# A prompt with fewer bytes of CJK text says little about its rate: the template's tokens
+# would weigh more than the text's.
+MIN_SAMPLE_BYTES = 256
+# Text other than Chinese, Japanese and Korean (Hangul jamo, radicals, CJK punctuation,
+# kana, bopomofo, ideographs, Hangul syllables, compatibility ideographs, fullwidth forms:
+# 3 UTF-8 bytes each).
+NOT_CJK = re.compile("[^\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]+")
+CJK_CHAR_BYTES = 3
 
 Counter = Callable[[Sequence[PromptMessage]], Awaitable[int]]
 """Count a prompt's tokens exactly, as the model reads it (the model's `count_tokens`)."""
@@ -42,9 +55,60 @@ def bound_tokens(messages: Sequence[PromptMessage]) -> int:
     A byte-level BPE tokenizer (GPT-2 family, SmolLM2, Llama 3, Qwen) never emits more
     tokens than the text has UTF-8 bytes.
     """
-    return MESSAGE_OVERHEAD_TOKENS + sum(
-        len(m.content.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages
-    )
+    return _template_tokens(messages) + sum(byte_shape(messages))
+
+
+def byte_shape(messages: Sequence[PromptMessage]) -> tuple[int, int]:
+    """Count a prompt's UTF-8 bytes of CJK text and of all other text."""
+    cjk_bytes = other_bytes = 0
+    for message in messages:
+        text = message.content
+        cjk = 0 if text.isascii() else CJK_CHAR_BYTES * len(NOT_CJK.sub("", text))
+        cjk_bytes += cjk
+        other_bytes += len(text.encode("utf-8")) - cjk
+    return cjk_bytes, other_bytes
+
+
+def _template_tokens(messages: Sequence[PromptMessage]) -> int:
+    return MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
+
+
+class ByteRates:
+    """Bound a prompt's tokens by the served model's own usage reports, without a tokenizer.
+
+    The byte bound is the one limit that holds for any byte-level BPE tokenizer, but it
+    reads Chinese, Japanese or Korean at 3 tokens a character where many models need 1.
+    Every reply reports the `prompt_tokens` the server counted for the prompt sent. A
+    prompt that is at least half CJK bytes, `MIN_SAMPLE_BYTES` or more, bounds their
+    rate from above: all of its tokens (template and other text included) over its CJK
+    bytes. The largest such rate seen, times `RATE_MARGIN` and never past 1, bounds CJK
+    bytes from then on. Other text keeps the byte bound: a rate measured on prose does
+    not bound code, numbers or base64, which take two to three times as many tokens a
+    byte, nor one script another's. Text far rarer than any measured can still need
+    more: when the server refuses a prompt as too long, `distrust` goes back to the byte
+    bound for good.
+    """
+
+    def __init__(self) -> None:
+        self._rate: float | None = None  # tokens per CJK byte, the most seen
+        self._trusted = True
+
+    def observe(self, messages: Sequence[PromptMessage], prompt_tokens: int) -> None:
+        """Learn from the token count the server reported for a prompt it read."""
+        cjk_bytes, other_bytes = byte_shape(messages)
+        if self._trusted and cjk_bytes >= max(MIN_SAMPLE_BYTES, other_bytes):
+            self._rate = max(self._rate or 0.0, prompt_tokens / cjk_bytes)
+
+    def distrust(self) -> None:
+        """Go back to the byte bound for good (the server refused a prompt as too long)."""
+        self._trusted = False
+        self._rate = None
+
+    def bound(self, messages: Sequence[PromptMessage]) -> int:
+        """Bound a prompt's tokens: the byte bound, with CJK bytes at the rate measured."""
+        cjk_bytes, other_bytes = byte_shape(messages)
+        rate = 1.0 if self._rate is None else min(1.0, self._rate * RATE_MARGIN)
+        return _template_tokens(messages) + other_bytes + math.ceil(cjk_bytes * rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +118,7 @@ class Fitted:
     messages: list[PromptMessage]
     window_start: int | None  # None: the window did not move
     shortened: bool  # the new message was cut to fit
+    read: int  # characters of the new message's text the prompt holds
 
 
 class ContextFitter:
@@ -99,7 +164,7 @@ class ContextFitter:
             head = [await self._shorten([], head[0], budget // 2, tokens)]  # a persona past reason
         start = window_start or 0
         window = alternating([t for t in history if (t.seq or 0) >= start], clean)
-        current = render(new, clean)
+        whole = current = render(new, clean)
         # A message left unanswered (its reply failed) is read with the new one.
         pending = window.pop() if window and window[-1].role is Role.USER else None
         if pending is not None:
@@ -112,10 +177,11 @@ class ContextFitter:
         if tokens is not None:
             current = await self._shorten(head, current, budget, tokens)
         shortened = tokens is not None
+        read = _read_of(new, whole, current) if shortened else len(new.content)
         rendered = [entry.message for entry in window]
         tokens = await self.overflow([*head, *rendered, current], budget)
         if tokens is None:
-            return Fitted([*head, *rendered, current], None, shortened)
+            return Fitted([*head, *rendered, current], None, shortened, read)
         drop = await self._trim(head, window, rendered, current, budget, tokens)
         if drop < len(window):
             new_start = window[drop].seq
@@ -123,7 +189,7 @@ class ContextFitter:
             new_start = pending.seq
         else:  # nothing kept: the window starts with the new turn
             new_start = max((t.seq or 0 for t in history), default=0) + 1
-        return Fitted([*head, *rendered[drop:], current], new_start, shortened)
+        return Fitted([*head, *rendered[drop:], current], new_start, shortened, read)
 
     async def _trim(
         self,
@@ -197,6 +263,17 @@ def alternating(turns: Sequence[Turn], clean: Clean = plain) -> list[Entry]:
         elif turn.role is Role.USER or (last is not None and last.role is Role.USER):
             entries.append(Entry(turn.role, turn.seq or 0, render(turn, clean)))
     return entries
+
+
+def _read_of(new: Turn, whole: PromptMessage, cut: PromptMessage) -> int:
+    """How many characters of the new turn's text a cut rendering of it holds.
+
+    The rendering adds an author's name and word joiners; all of them are taken to lie
+    in the part kept, so the figure never says more was read than was.
+    """
+    added = len(whole.content) - len(new.content)
+    kept = len(cut.content) - len(SHORTENED_SUFFIX) - added
+    return min(max(kept, 0), len(new.content))
 
 
 def _joined(first: PromptMessage, second: PromptMessage) -> PromptMessage:

@@ -18,9 +18,6 @@ log = logging.getLogger(__name__)
 
 _NOTICES = {
     NoticeKind.EMPTY_MESSAGE: "Send me some text and I'll answer.",
-    NoticeKind.MESSAGE_SHORTENED: (
-        "Your message is longer than I can read at once; I read only its beginning."
-    ),
     NoticeKind.MODEL_UNAVAILABLE: (
         "The model is unavailable right now. Your message is kept; try again in a moment."
     ),
@@ -39,6 +36,10 @@ _NOTICES = {
     ),
     NoticeKind.QUEUED: "Many people are talking to me right now; you're in line.",
 }
+SHORTENED = (
+    "Your message is longer than I can read at once; I read its first {read:,} of {whole:,} "
+    "characters."
+)
 NOT_SAVED = "I couldn't save this exchange, so I may not remember it."
 ADAPTER_GONE = (
     "The adapter chosen here is not served any more; an admin can pick another. "
@@ -49,6 +50,11 @@ ADAPTER_GONE = (
 def notice(kind: NoticeKind, text: str | None = None, retry_after: float | None = None) -> Notice:
     """Build the user-facing notice of a kind, with its standard text unless one is given."""
     return Notice(kind, text if text is not None else _NOTICES[kind], retry_after)
+
+
+def shortened_notice(read: int, whole: int) -> Notice:
+    """Tell a user their message was cut, and how many of its characters were read."""
+    return notice(NoticeKind.MESSAGE_SHORTENED, SHORTENED.format(read=read, whole=whole))
 
 
 def wait_text(seconds: float) -> str:

@@ -39,6 +39,10 @@ class ModelRejected(ModelError):
     """The model server refused the request (bad key, unknown model, invalid request)."""
 
 
+class PromptTooLong(ModelRejected):
+    """The model server refused a prompt as longer than its context."""
+
+
 class AdapterUnknown(ModelRejected):
     """The server does not serve the adapter asked for."""
 

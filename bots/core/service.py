@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bots.core.commands import (
@@ -33,7 +33,7 @@ from bots.core.models import (
     Turn,
     Usage,
 )
-from bots.core.notices import NOT_SAVED, limited_notice, model_notice, notice
+from bots.core.notices import NOT_SAVED, limited_notice, model_notice, notice, shortened_notice
 from bots.core.ports import (
     ChatModel,
     ContextStore,
@@ -41,9 +41,11 @@ from bots.core.ports import (
     ModelError,
     NoObserver,
     Observer,
+    PromptTooLong,
     StoreUnavailable,
 )
 from bots.core.prompt import system_of
+from bots.core.reasoning import ReasoningFilter, hide_reasoning
 from bots.core.text import clean_name, is_blank, neutralize, sanitize, special_token_pattern
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class ChatPolicy:
         per_user_in_groups: in groups, each member has a conversation of their own.
         max_in_flight: model requests at once from this process; more wait in line.
         collect_default: conversations may be exported for training unless an admin says no.
+        show_reasoning: stream a reasoning model's `<think>` blocks to users (never stored).
     """
 
     system_prompt: str = ""
@@ -72,6 +75,7 @@ class ChatPolicy:
     per_user_in_groups: bool = False
     max_in_flight: int = 64
     collect_default: bool = False
+    show_reasoning: bool = False
 
 
 class ConversationService:
@@ -291,14 +295,19 @@ class ConversationService:
             adapter = channel.adapter
             budget = await self._model.context_window() - self._policy.reply_tokens
             markers = await self._special_tokens()
-            fitted = await self._fitter.fit(
-                system_of(channel.persona, self._policy.system_prompt),
-                history,
-                turn,
-                window_start=state.window_start,
-                budget=budget,
-                clean=lambda text: neutralize(text, markers),
-            )
+            user_turn = turn
+
+            async def fit() -> Fitted:
+                return await self._fitter.fit(
+                    system_of(channel.persona, self._policy.system_prompt),
+                    history,
+                    user_turn,
+                    window_start=state.window_start,
+                    budget=budget,
+                    clean=lambda text: neutralize(text, markers),
+                )
+
+            fitted = await fit()
         except StoreUnavailable:
             log.warning("context store unavailable", extra={"conversation": str(key)})
             yield notice(NoticeKind.STORE_UNAVAILABLE)
@@ -308,9 +317,11 @@ class ConversationService:
                 await self._keep_user_turn(key, turn)
             yield model_notice(error)
             return
-        if fitted.shortened or cut:
-            yield notice(NoticeKind.MESSAGE_SHORTENED)
-        async for part in self._stream_and_record(key, turn, fitted, replacing, user, adapter):
+        if fitted.shortened or cut:  # a stored cut's text ends at `max_message_chars`
+            whole = len(sanitize(incoming.text)) if cut else len(turn.content)
+            yield shortened_notice(min(fitted.read, self._policy.max_message_chars), whole)
+        parts = self._stream_and_record(key, turn, fitted, fit, replacing, user, adapter)
+        async for part in parts:
             yield part
 
     async def _stream_and_record(
@@ -318,24 +329,37 @@ class ConversationService:
         key: ConversationKey,
         user_turn: Turn,
         fitted: Fitted,
+        refit: Callable[[], Awaitable[Fitted]],
         replacing: int | None,
         user: str | None,
         adapter: str | None,
     ) -> AsyncGenerator[ReplyPart, None]:
-        pieces: list[str] = []
+        pieces: list[str] = []  # as the model wrote them, reasoning included
         usage: Usage | None = None
+        shown = None if self._policy.show_reasoning else ReasoningFilter()
         if self._slots.locked():
             yield notice(NoticeKind.QUEUED)
         async with self._slots:
             self._observer.model_calls(key.platform, 1)
             try:
-                parts = self._model.stream(fitted.messages, session=str(key), adapter=adapter)
-                async for chunk in parts:
-                    if chunk.text:
-                        pieces.append(chunk.text)
-                        yield chunk.text
-                    if chunk.usage is not None:
-                        usage = chunk.usage
+                for attempt in (1, 2):
+                    parts = self._model.stream(fitted.messages, session=str(key), adapter=adapter)
+                    try:
+                        async for chunk in parts:
+                            if chunk.text:
+                                pieces.append(chunk.text)
+                                if text := chunk.text if shown is None else shown.feed(chunk.text):
+                                    yield text
+                            if chunk.usage is not None:
+                                usage = chunk.usage
+                        break
+                    except PromptTooLong:
+                        if pieces or attempt == 2:
+                            raise
+                        # The model counts by the strict bound from now on: fit again, once.
+                        fitted = await refit()
+                if shown is not None and (rest := shown.finish()):
+                    yield rest
             except ModelError as error:
                 if replacing is None:
                     await self._keep_user_turn(key, user_turn)
@@ -343,7 +367,8 @@ class ConversationService:
                 return
             finally:
                 self._observer.model_calls(key.platform, -1)
-        reply = Turn(Role.ASSISTANT, "".join(pieces), usage=usage)
+        # Only the answer is recorded: reasoning never reaches the next prompt or an export.
+        reply = Turn(Role.ASSISTANT, hide_reasoning("".join(pieces)), usage=usage)
         if (underway := self._underway.get(key)) is not None:
             underway.finish()  # the reply is whole: a /reset now waits until it is stored
         try:

@@ -16,6 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESTART_NOTICE = "I'm restarting, so this reply stops here. Send your message again in a minute."
+CLOSED_NOTICE = "I'm restarting and can't answer this now. Send your message again in a minute."
 
 
 class InFlight:

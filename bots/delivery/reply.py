@@ -20,7 +20,7 @@ from bots.core.line import ArrivalLine
 from bots.core.models import Incoming, Notice, ReplyPart
 from bots.core.notices import shown_text
 from bots.core.service import ConversationService
-from bots.delivery.inflight import InFlight
+from bots.delivery.inflight import CLOSED_NOTICE, InFlight
 from bots.delivery.stream import CallWindow, Limits, MessageSink, StreamingDelivery
 
 ShowTyping = Callable[[], Awaitable[object]]
@@ -109,12 +109,10 @@ class ChatReplies:
         service: ConversationService,
         style: ChatStyle,
         *,
-        show_reasoning: bool = False,
         in_flight: InFlight | None = None,
     ) -> None:
         self._service = service
         self._style = style
-        self._show_reasoning = show_reasoning
         self._line = ArrivalLine()
         self.in_flight = in_flight if in_flight is not None else InFlight()
 
@@ -128,7 +126,7 @@ class ChatReplies:
         order: Hashable | None = None,
         shared: Sequence[CallWindow] = (),
     ) -> None:
-        """Answer one message into `sink`, or nothing once a shutdown has begun.
+        """Answer one message into `sink`; once a shutdown has begun, say to send it again.
 
         Args:
             incoming: the message, translated.
@@ -140,7 +138,9 @@ class ChatReplies:
                 conversation's channel).
             shared: call budgets every reply in the same chat spends from.
         """
-        if self.in_flight.closing:  # stopping: the message stays unanswered, not half
+        if self.in_flight.closing:  # stopping: say so, rather than leave it unanswered
+            with contextlib.suppress(Exception):  # the platform may be going away too
+                await say(CLOSED_NOTICE)
             return
         # Both take their places in line now, before any await: arrival order.
         answer = self._service.respond(incoming)
@@ -148,7 +148,6 @@ class ChatReplies:
         delivery = StreamingDelivery(
             sink,
             self._style.limits,
-            show_reasoning=self._show_reasoning,
             shared=shared,
             after=self._line.join(order if order is not None else incoming.key.channel_key),
             on_rate_limited=self._rate_limited,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Sequence
@@ -21,7 +20,6 @@ Ref = TypeVar("Ref")
 FINAL_DEADLINE_S = 600.0
 EMPTY_REPLY = "(The model gave no answer.)"
 log = logging.getLogger(__name__)
-_REASONING = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.DOTALL)
 
 
 class RateLimited(Exception):
@@ -107,11 +105,6 @@ class Limits:
     window: float
 
 
-def hide_reasoning(text: str) -> str:
-    """Drop `<think>…</think>` blocks, and an unfinished one, from what users see."""
-    return _REASONING.sub("", text)
-
-
 @dataclass
 class Report:
     """What one delivery did, for logs, metrics and benchmarks."""
@@ -142,7 +135,6 @@ class StreamingDelivery(Generic[Ref]):
         sink: MessageSink[Ref],
         limits: Limits,
         *,
-        show_reasoning: bool = False,
         shared: Sequence[CallWindow] = (),
         after: Place | None = None,
         on_rate_limited: Callable[[], None] | None = None,
@@ -150,7 +142,6 @@ class StreamingDelivery(Generic[Ref]):
         self._sink = sink
         self._on_rate_limited = on_rate_limited
         self._limits = limits
-        self._show_reasoning = show_reasoning
         self._text = ""
         self._shown: list[tuple[Ref, str]] = []
         self._next_update = 0.0
@@ -160,9 +151,6 @@ class StreamingDelivery(Generic[Ref]):
         self._after = after
         self.turn = asyncio.Event()  # set when this reply's turn to be shown has come
         self.report = Report()
-
-    def _visible(self) -> str:
-        return self._text if self._show_reasoning else hide_reasoning(self._text)
 
     async def run(self, deltas: AsyncIterable[str]) -> Report:
         """Deliver the whole stream; return what was done."""
@@ -247,7 +235,7 @@ class StreamingDelivery(Generic[Ref]):
 
     async def _update(self, *, final: bool) -> bool:
         """Bring the posted messages up to the current text; False if rate limited."""
-        visible = self._visible()
+        visible = self._text
         if final and not visible.strip():
             visible = EMPTY_REPLY
         pieces = [p.text for p in split_message(visible, self._limits.max_chars)]

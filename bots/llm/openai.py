@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from bots.core.context import bound_tokens
+from bots.core.context import ByteRates
 from bots.core.models import Chunk, PromptMessage, Usage
 from bots.core.ports import (
     AdapterUnknown,
@@ -19,6 +20,7 @@ from bots.core.ports import (
     ModelRejected,
     ModelTimedOut,
     ModelUnavailable,
+    PromptTooLong,
 )
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ SESSION_HEADER = "X-Session-ID"
 
 # Worth another try: the server is down, slow to accept, overloaded or restarting.
 RETRYABLE = (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)
+# How servers refuse a prompt longer than the context: vLLM and OpenAI ("maximum context
+# length"), llama.cpp ("exceeds the available context size"), TGI ("max_new_tokens").
+TOO_LONG = re.compile(r"context|too long|max_new_tokens", re.IGNORECASE)
 
 
 def timeouts(*, connect: float, read: float) -> openai.Timeout:
@@ -76,7 +81,8 @@ class OpenAIChatModel:
         self._retry_deadline = retry_deadline
         self._context_tokens = context_tokens
         self._root = str(client.base_url).rstrip("/").removesuffix("/v1")
-        self._can_tokenize = True
+        self._can_tokenize: bool | None = None  # None: not asked yet
+        self._rates = ByteRates()  # bounds tokens where the server cannot count them
         self._special_tokens: list[str] | None = None
 
     async def context_window(self) -> int:
@@ -113,10 +119,14 @@ class OpenAIChatModel:
     async def count_tokens(self, prompt: Sequence[PromptMessage]) -> int:
         """Count with the server's own tokenizer and chat template (vLLM's `/tokenize`).
 
-        A server without `/tokenize` gets the byte bound instead, which is never less.
+        A server without `/tokenize` gets the byte bound instead, tightened by the token
+        counts its replies reported (`ByteRates`). Asking such a server for a count by a
+        one-token completion was weighed and left out: it computes the whole prompt each
+        time (a prompt over the context is refused without a figure, and Ollama cuts it
+        silently), and a trim or a cut message needs several counts.
         """
-        if not self._can_tokenize:
-            return bound_tokens(prompt)
+        if self._can_tokenize is False:
+            return self._rates.bound(prompt)
         body = {"model": self._model, "messages": _wire(prompt), "add_generation_prompt": True}
         try:
             response = await self._client.post(
@@ -129,14 +139,16 @@ class OpenAIChatModel:
         except openai.OpenAIError as error:
             raise _mapped(error) from error
         try:
-            return int(response.json()["count"])
+            count = int(response.json()["count"])
         except (KeyError, TypeError, ValueError):
             return self._count_by_bytes(prompt, "an unreadable answer")
+        self._can_tokenize = True
+        return count
 
     def _count_by_bytes(self, prompt: Sequence[PromptMessage], why: str) -> int:
-        log.warning("the model server's /tokenize gave %s; counting tokens by bytes", why)
+        log.warning("the model server's /tokenize gave %s; bounding tokens by bytes and usage", why)
         self._can_tokenize = False
-        return bound_tokens(prompt)
+        return self._rates.bound(prompt)
 
     async def special_tokens(self) -> list[str]:
         """Read the served tokenizer's added tokens (vLLM's `/tokenizer_info`), once.
@@ -175,6 +187,8 @@ class OpenAIChatModel:
             async for line in response.aiter_lines():
                 for chunk in parse_event(line):
                     started = started or bool(chunk.text)
+                    if chunk.usage is not None and not self._can_tokenize:  # may need rates
+                        self._rates.observe(prompt, chunk.usage.prompt_tokens)
                     yield chunk
         except httpx2.TimeoutException as error:
             raise ModelTimedOut(f"no part of the reply within the read timeout: {error}") from error
@@ -227,6 +241,12 @@ class OpenAIChatModel:
                 if adapter is not None:
                     raise AdapterUnknown(f"the server does not serve {adapter}: {error}") from error
                 raise _mapped(error) from error
+            except openai.BadRequestError as error:
+                if TOO_LONG.search(str(error)) is None:
+                    raise _mapped(error) from error
+                log.warning("the server refused a prompt as too long; counting by bytes from now")
+                self._rates.distrust()
+                raise PromptTooLong(f"the prompt is longer than the context: {error}") from error
             except openai.OpenAIError as error:
                 raise _mapped(error) from error
 

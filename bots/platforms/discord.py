@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import inspect
@@ -150,9 +151,7 @@ class DiscordChat:
         self._service = service
         self._settings = settings
         self._policy = AccessPolicy(settings)
-        self._replies = ChatReplies(
-            service, DISCORD_STYLE, show_reasoning=settings.show_reasoning, in_flight=in_flight
-        )
+        self._replies = ChatReplies(service, DISCORD_STYLE, in_flight=in_flight)
         self.in_flight = self._replies.in_flight
 
     def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
@@ -479,8 +478,11 @@ async def run_discord(
     client = ParleyDiscord(chat, shard_of(settings))
     with counting_rate_limits(service.observer):
         async with client:  # on the way out, after the replies: close the connections
+            connection = asyncio.create_task(client.start(settings.token.get_secret_value()))
             try:
-                await client.start(settings.token.get_secret_value())
+                # Shielded: while the replies in progress finish, the gateway is still
+                # read, so a message arriving then is told to come back, not lost unread.
+                await asyncio.shield(connection)
             except discord.PrivilegedIntentsRequired as error:
                 raise DiscordSetupError(INTENT_HELP) from error
             except discord.LoginFailure as error:
@@ -488,6 +490,8 @@ async def run_discord(
                 raise DiscordSetupError(rejected) from error
             finally:
                 await chat.in_flight.drain(settings.shutdown_seconds)
+                connection.cancel()
+                await asyncio.gather(connection, return_exceptions=True)
 
 
 class DiscordSetupError(PlatformSetupError):

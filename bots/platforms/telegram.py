@@ -178,9 +178,7 @@ class TelegramChat:
         self._service = service
         self._settings = settings
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
-        self._replies = ChatReplies(
-            service, TELEGRAM_STYLE, show_reasoning=settings.show_reasoning, in_flight=in_flight
-        )
+        self._replies = ChatReplies(service, TELEGRAM_STYLE, in_flight=in_flight)
         self.in_flight = self._replies.in_flight
 
     def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
