@@ -1,20 +1,28 @@
-"""Helpers the benchmarks share: percentiles, the machine they ran on, local servers."""
+"""Helpers the benchmarks share: percentiles, the machine they ran on, local servers, a
+Redis store and the check that it kept every exchange, injected platform failures."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import itertools
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bots.core.context import bound_tokens
-from bots.core.models import Chunk, PromptMessage, Usage
+from bots.core.models import Chunk, PromptMessage, Role, Usage
+from bots.runtime import context_store, open_redis
+from bots.settings import RedisSettings
+from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +57,38 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}"
     )
+
+
+def failure_options(description: str | None) -> argparse.Namespace:
+    """Parse `--fail-share` (the share of the bot's sends and edits that fail with a 5xx)
+    and `--seed` (of the random draw) from the command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--fail-share", type=float, default=0.0, help="0 to 1; default 0")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the failures drawn")
+    return parser.parse_args()
+
+
+@asynccontextmanager
+async def redis_store() -> AsyncIterator[RedisContextStore]:
+    """The conversation store as Parley runs it by default: an embedded Redis of its own."""
+    settings = RedisSettings()
+    with tempfile.TemporaryDirectory() as folder:
+        async with open_redis(settings, Path(folder)) as redis:
+            yield context_store(redis, settings)
+
+
+async def lost_turns(store: RedisContextStore, exchanges: Iterable[tuple[str, str]]) -> int:
+    """Count the exchanges (user text, whole answer) the store does not hold as a user turn
+    followed by its answer."""
+    held: Counter[tuple[str, str]] = Counter()
+    async for key in store.conversations():
+        turns = await store.load(key)
+        held.update(
+            (asked.content, answer.content)
+            for asked, answer in itertools.pairwise(turns)
+            if asked.role is Role.USER and answer.role is Role.ASSISTANT
+        )
+    return sum((Counter(exchanges) - held).values())
 
 
 @asynccontextmanager

@@ -34,6 +34,7 @@ class PlatformFailed(Exception):
     """The platform failed in a way that may pass: a 5xx, a timeout, a network error."""
 
 
+WINDOW_MARGIN_S = 0.1
 # Waits after a platform failure: doubling from the first, capped.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
@@ -146,7 +147,10 @@ class StreamingDelivery(Generic[Ref]):
         self._shown: list[tuple[Ref, str]] = []
         self._next_update = 0.0
         self._last_update = -float("inf")
-        self._windows = [CallWindow(limits.burst, limits.window), *shared]
+        # The platform counts calls as they arrive, we as they leave: a little margin keeps
+        # a call delayed in transit from landing inside the last one's window.
+        burst = CallWindow(limits.burst, limits.window + WINDOW_MARGIN_S)
+        self._windows = [burst, *shared]
         self._retry_wait = FIRST_RETRY_S
         self._after = after
         self.turn = asyncio.Event()  # set when this reply's turn to be shown has come
