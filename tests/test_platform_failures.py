@@ -14,12 +14,12 @@ from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 from bots.ops import Metrics
 from bots.platforms.discord import run_discord
-from bots.platforms.telegram import run_telegram
-from bots.settings import DiscordSettings, TelegramSettings
+from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
 from tests.fake_discord import DM_CHANNEL_ID, SNOWFLAKE, FakeDiscord, user
-from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
+from tests.fake_telegram import FakeTelegram, person
 from tests.fakes import ScriptedModel
+from tests.telegram_run import RunningTelegram, running_telegram
 
 ADA = person(1, "Ada")
 ANSWER = " ".join(f"word{i}" for i in range(30))
@@ -32,29 +32,27 @@ class Long(ScriptedModel):
 
 @dataclass
 class Running:
-    fake: FakeTelegram
-    in_flight: InFlight
+    bot: RunningTelegram
     metrics: Metrics
+
+    @property
+    def fake(self) -> FakeTelegram:
+        return self.bot.fake
 
 
 @pytest.fixture
 async def telegram(store: RedisContextStore) -> AsyncIterator[Running]:
-    metrics, in_flight = Metrics(), InFlight()
+    metrics = Metrics()
     service = ConversationService(store, Long(delay=0.05), observer=metrics)
-    async with FakeTelegram() as fake:
-        settings = TelegramSettings(token=TOKEN, poll_timeout=1, base_url=fake.base_url)  # type: ignore[arg-type]
-        running = asyncio.create_task(run_telegram(service, settings, in_flight))
-        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        yield Running(fake, in_flight, metrics)
-        await fake.end_polls()
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
+    async with running_telegram(service) as bot:
+        yield Running(bot, metrics)
 
 
 async def ask(running: Running, text: str) -> None:
-    await running.fake.push({"chat": private_chat(ADA), "from": ADA, "text": text})
+    """Send a message; wait until a send was tried and every reply is over."""
+    await running.bot.say(ADA, text)
     await running.fake.wait_for(lambda: any(c.method == "sendMessage" for c in running.fake.calls))
-    await asyncio.wait_for(running.in_flight.idle(), 30)
+    await asyncio.wait_for(running.bot.in_flight.idle(), 30)
 
 
 async def test_a_502_on_send_and_on_edits_is_retried_and_the_final_text_arrives(

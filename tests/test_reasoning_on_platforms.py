@@ -7,12 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from bots.core.models import Chunk, ConversationKey, PromptMessage
 from bots.core.service import ConversationService
-from bots.delivery.inflight import InFlight
-from bots.platforms.telegram import run_telegram
-from bots.settings import TelegramSettings
 from bots.store.redis import RedisContextStore
-from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
+from tests.fake_telegram import person
 from tests.fakes import ScriptedModel
+from tests.telegram_run import running_telegram
 
 ADA = person(1, "Ada")
 PIECES = ["<th", "ink>let me think ", "about it</th", "ink>", "Four", " is the answer."]
@@ -31,18 +29,10 @@ class SplitTags(ScriptedModel):
 
 
 async def test_telegram_never_shows_a_piece_of_the_reasoning(store: RedisContextStore) -> None:
-    in_flight = InFlight()
-    async with FakeTelegram() as fake:
-        settings = TelegramSettings(token=TOKEN, poll_timeout=1, base_url=fake.base_url)  # type: ignore[arg-type]
-        service = ConversationService(store, SplitTags())
-        running = asyncio.create_task(run_telegram(service, settings, in_flight))
-        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        await fake.push({"chat": private_chat(ADA), "from": ADA, "text": "2+2?"})
-        await fake.wait_for(lambda: bool(fake.sent[ADA["id"]]), 15)
-        await asyncio.wait_for(in_flight.idle(), 30)
-        await fake.end_polls()
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
+    async with running_telegram(ConversationService(store, SplitTags())) as chat:
+        await chat.say(ADA, "2+2?")
+        await chat.settle(ADA["id"])
+    fake = chat.fake
     writes = [
         c.params["text"] for c in fake.calls if c.method in ("sendMessage", "editMessageText")
     ]

@@ -8,12 +8,12 @@ from bots.core.models import ConversationKey
 from bots.core.service import ConversationService
 from bots.delivery.inflight import RESTART_NOTICE, InFlight
 from bots.platforms.discord import run_discord
-from bots.platforms.telegram import run_telegram
-from bots.settings import DiscordSettings, TelegramSettings
+from bots.settings import DiscordSettings
 from bots.store.redis import RedisContextStore
 from tests.fake_discord import DM_CHANNEL_ID, SNOWFLAKE, FakeDiscord, user
-from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
+from tests.fake_telegram import person
 from tests.fakes import ScriptedModel
+from tests.telegram_run import running_telegram
 
 LONG = " ".join(f"word{i}" for i in range(40))
 
@@ -55,21 +55,11 @@ async def test_telegram_edits_the_partial_reply_into_the_restart_notice(
     store: RedisContextStore,
 ) -> None:
     model, ada = Slow(delay=0.2), person(1, "Ada")
-    async with FakeTelegram() as fake:
-        settings = TelegramSettings(
-            token=TOKEN,  # type: ignore[arg-type]
-            poll_timeout=1,
-            base_url=fake.base_url,
-            shutdown_seconds=0.3,
-        )
-        running = asyncio.create_task(
-            run_telegram(ConversationService(store, model), settings, InFlight())
-        )
-        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        await fake.push({"chat": private_chat(ada), "from": ada, "text": "tell me"})
-        await fake.wait_for(lambda: bool(fake.sent[ada["id"]]), 10)
-        await fake.end_polls()
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
+    service = ConversationService(store, model)
+    async with running_telegram(service, shutdown_seconds=0.3) as bot:
+        await bot.say(ada, "tell me")
+        await bot.fake.wait_for(lambda: bool(bot.fake.sent[ada["id"]]), 10)
+        await bot.stop()
+    fake = bot.fake
     assert fake.shown(ada["id"]) == [RESTART_NOTICE], "one message, now the notice"
     assert await store.load(ConversationKey("telegram", str(ada["id"]))) == []

@@ -4,47 +4,16 @@ it is when shown, a model that took too long, typing that goes on after "you're 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from bots.core.models import ConversationKey
 from bots.core.ports import ModelTimedOut
 from bots.core.service import ChatPolicy, ConversationService
-from bots.delivery.inflight import InFlight
-from bots.platforms.telegram import run_telegram
-from bots.settings import TelegramSettings
 from bots.store.redis import RedisContextStore
-from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
+from tests.fake_telegram import person
 from tests.fakes import MemoryLimiter, ScriptedModel
+from tests.telegram_run import running_telegram
 
 ADA, BOB = person(1, "Ada"), person(2, "Bob")
-
-
-@dataclass
-class Chat:
-    fake: FakeTelegram
-    in_flight: InFlight
-
-    async def say(self, sender: dict[str, object], text: str) -> None:
-        await self.fake.push({"chat": private_chat(sender), "from": sender, "text": text})
-
-    async def settle(self, chat_id: int, count: int = 1) -> None:
-        await self.fake.wait_for(lambda: len(self.fake.sent[chat_id]) >= count, 30)
-        await asyncio.wait_for(self.in_flight.idle(), 30)
-
-
-@asynccontextmanager
-async def running(service: ConversationService) -> AsyncIterator[Chat]:
-    in_flight = InFlight()
-    async with FakeTelegram() as fake:
-        settings = TelegramSettings(token=TOKEN, poll_timeout=1, base_url=fake.base_url)  # type: ignore[arg-type]
-        task = asyncio.create_task(run_telegram(service, settings, in_flight))
-        await fake.wait_for(lambda: bool(fake.calls_to("getUpdates")), 15)
-        yield Chat(fake, in_flight)
-        await fake.end_polls()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 class Words(ScriptedModel):
@@ -58,7 +27,7 @@ async def test_a_wait_is_said_as_it_is_when_the_notice_is_shown(
     """The limit refuses the second message at once; its notice waits for the first reply,
     whose last edits fail and are retried, so by then the wait is shorter."""
     service = ConversationService(store, Words(delay=0.05), limiter=MemoryLimiter(limit=1))
-    async with running(service) as chat:
+    async with running_telegram(service) as chat:
         chat.fake.fail_next["editMessageText"] = [502, 502, 502]
         await chat.say(ADA, "first")
         await chat.say(ADA, "second")
@@ -70,7 +39,7 @@ async def test_a_wait_is_said_as_it_is_when_the_notice_is_shown(
 
 async def test_a_model_that_takes_too_long_is_said_so(store: RedisContextStore) -> None:
     service = ConversationService(store, ScriptedModel(fail_with=ModelTimedOut("no answer")))
-    async with running(service) as chat:
+    async with running_telegram(service) as chat:
         await chat.say(ADA, "hello?")
         await chat.settle(ADA["id"])
         (shown,) = chat.fake.shown(ADA["id"])
@@ -83,7 +52,7 @@ async def test_typing_goes_on_after_you_re_in_line(store: RedisContextStore) -> 
     model = ScriptedModel()
     model.gates[str(ConversationKey("telegram", str(ADA["id"])))] = asyncio.Event()
     service = ConversationService(store, model, policy=ChatPolicy(max_in_flight=1))
-    async with running(service) as chat:
+    async with running_telegram(service) as chat:
         await chat.say(ADA, "take the only slot")
         await model.started.wait()
         await chat.say(BOB, "and me?")
