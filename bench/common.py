@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from openai import AsyncOpenAI
+
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Role, Usage
+from bots.llm.embeddings import OpenAIEmbedder
 from bots.runtime import context_store, open_redis
 from bots.settings import RedisSettings
 from bots.store.redis import RedisContextStore
@@ -153,3 +156,23 @@ class PacedModel(StubModel):
             yield Chunk(text=f"w{index % 1000:03d} ")
             self.last_token_at = time.monotonic()
         yield Chunk(usage=Usage(len(prompt), self.tokens))
+
+
+@asynccontextmanager
+async def embedding_server(base_url: str | None = None) -> AsyncIterator[str]:
+    """The bundled embedding model served by vLLM (started here), or one already running."""
+    from tests.conftest import running_engine
+
+    if base_url:
+        yield base_url
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        async with running_engine(Path(folder), "embeddings") as url:
+            yield url
+
+
+@asynccontextmanager
+async def embedder_at(base_url: str) -> AsyncIterator[OpenAIEmbedder]:
+    """A client of an embedding server, as the bots make one."""
+    async with AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
+        yield OpenAIEmbedder(client, model="parley-embed")

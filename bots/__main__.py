@@ -1,9 +1,10 @@
-"""Composition root: `python -m bots [run|console|discord|telegram|http|export|keys]`.
+"""Composition root: `python -m bots [run|console|discord|telegram|http|export|keys|kb]`.
 
 `run` starts every platform bot whose token is set (and the HTTP channel when
 HTTP_ENABLED is true), or the console chat when none is.
 With no LLM_BASE_URL it first starts the local inference service; with no REDIS_URL it
-runs an embedded Redis. Every client is opened with `async with` and closed on exit.
+runs an embedded Redis; with a knowledge base and no KB_EMBED_BASE_URL it starts the
+local embedding model too. Every client is opened with `async with` and closed on exit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
-from bots import export, keys
+from bots import export, kb, keys
+from bots.core.knowledge import Retriever
 from bots.core.models import Author, ConversationKey
 from bots.core.service import ChatPolicy, ConversationService
 from bots.llm.openai import OpenAIChatModel, timeouts
@@ -37,11 +39,13 @@ from bots.runtime import (
     event_loop,
     is_healthy,
     local_inference,
+    open_embedder,
     open_redis,
     tune_gc,
 )
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.embedded import EmbeddedRedisError
+from bots.store.knowledge import RedisKnowledge
 from bots.store.limits import RedisLimiter
 from inference.settings import InferenceSettings
 
@@ -59,9 +63,10 @@ class Backend:
     limiter: RedisLimiter
     model_url: str  # the model server's OpenAI base URL
     metrics: Metrics
+    embed_url: str | None = None  # the embedding server's, when knowledge bases are on
 
     def probes(self) -> dict[str, Probe]:
-        """What /readyz checks: Redis answers PING, the model server its /health."""
+        """What /readyz checks: Redis answers PING, the model servers their /health."""
 
         async def redis() -> bool:
             return bool(await self.redis.ping())
@@ -69,7 +74,13 @@ class Backend:
         async def model() -> bool:
             return await is_healthy(self.model_url)
 
-        return {"redis": redis, "model": model}
+        async def embeddings() -> bool:
+            return self.embed_url is not None and await is_healthy(self.embed_url)
+
+        probes: dict[str, Probe] = {"redis": redis, "model": model}
+        if self.embed_url is not None:
+            probes["embeddings"] = embeddings
+        return probes
 
 
 @asynccontextmanager
@@ -90,6 +101,14 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
                 local_inference(base_url, settings.data_dir / "logs" / "inference.log")
             )
         redis = await stack.enter_async_context(open_redis(settings.redis, settings.data_dir))
+        index = RedisKnowledge(redis, prefix=settings.redis.key_prefix)
+        retriever, embed_url = None, None
+        if settings.kb.default or settings.kb.embed_base_url or await index.names():
+            embedder = await stack.enter_async_context(
+                open_embedder(settings.kb, settings.data_dir)
+            )
+            retriever = Retriever(embedder, index, kb.retrieval_policy(settings.kb))
+            embed_url = embedder.base_url
         client = await stack.enter_async_context(
             AsyncOpenAI(
                 base_url=base_url,
@@ -120,9 +139,14 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
         )
         metrics = Metrics()
         service = ConversationService(
-            store, model, limiter=limiter, policy=chat_policy(settings), observer=metrics
+            store,
+            model,
+            limiter=limiter,
+            policy=chat_policy(settings),
+            observer=metrics,
+            knowledge=retriever,
         )
-        yield Backend(service, redis, limiter, base_url, metrics)
+        yield Backend(service, redis, limiter, base_url, metrics, embed_url)
 
 
 def chat_policy(settings: BotSettings) -> ChatPolicy:
@@ -137,6 +161,9 @@ def chat_policy(settings: BotSettings) -> ChatPolicy:
         max_in_flight=settings.limits.max_in_flight,
         collect_default=chat.collect_default,
         show_reasoning=chat.show_reasoning,
+        knowledge_default=settings.kb.default,
+        free_answers=settings.kb.free_answers,
+        no_answer=settings.kb.no_answer,
     )
 
 
@@ -252,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         return export.main(argv[1:])
     if argv[:1] == ["keys"]:
         return keys.main(argv[1:])
+    if argv[:1] == ["kb"]:
+        return kb.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bots", description=__doc__)
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=["run", "console", *PLATFORMS, "export", "keys"],
+        choices=["run", "console", *PLATFORMS, "export", "keys", "kb"],
         help="run (default): the bots whose tokens are set, else the console; "
         "http: the HTTP API and web chat; export: opted-in conversations as JSONL "
-        "(see export --help); keys: the HTTP channel's API keys (see keys --help)",
+        "(see export --help); keys: the HTTP channel's API keys (see keys --help); "
+        "kb: knowledge bases, the documents answers come from (see kb --help)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:

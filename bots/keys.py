@@ -8,17 +8,27 @@ import datetime
 import sys
 
 from bots.core.ports import StoreUnavailable
+from bots.kb import kb_name
 from bots.runtime import open_redis
 from bots.settings import BotSettings, SettingsError, load_settings
 from bots.store.keys import RedisApiKeys
+from bots.store.knowledge import RedisKnowledge
 
 
 async def run(settings: BotSettings, args: argparse.Namespace) -> int:
     async with open_redis(settings.redis, settings.data_dir) as redis:
         keys = RedisApiKeys(redis, prefix=settings.redis.key_prefix)
         if args.action == "create":
+            index = RedisKnowledge(redis, prefix=settings.redis.key_prefix)
+            if args.kb is not None and not await index.exists(args.kb):
+                print(
+                    f"parley: there is no knowledge base {args.kb!r}; add documents to it "
+                    "first with `python -m bots kb add`",
+                    file=sys.stderr,
+                )
+                return 2
             key, integration = await keys.create(
-                args.integration, messages=args.messages, window=args.window
+                args.integration, messages=args.messages, window=args.window, knowledge=args.kb
             )
             print(key)
             print(
@@ -35,7 +45,8 @@ async def run(settings: BotSettings, args: argparse.Namespace) -> int:
                     else "default"
                 )
                 when = f"{created:%Y-%m-%d %H:%M} UTC"
-                print(f"{found.key_id}  {found.name}  created {when}  quota {quota}")
+                kb = f"  kb {found.knowledge}" if found.knowledge else ""
+                print(f"{found.key_id}  {found.name}  created {when}  quota {quota}{kb}")
         else:
             revoked = await keys.revoke(args.which)
             print(f"revoked {revoked} key(s)", file=sys.stderr)
@@ -54,6 +65,9 @@ def main(argv: list[str]) -> int:
         "--messages", type=int, help="messages per window (default HTTP_KEY_MESSAGES)"
     )
     create.add_argument("--window", type=float, help="window seconds (default HTTP_KEY_WINDOW)")
+    create.add_argument(
+        "--kb", type=kb_name, help="the knowledge base its conversations answer from"
+    )
     actions.add_parser("list", help="list keys: id, integration, creation, quota")
     revoke = actions.add_parser("revoke", help="revoke one key (by id) or an integration's keys")
     revoke.add_argument("which", help="a key id from `list`, or an integration name")

@@ -8,17 +8,21 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import openai
+from openai import AsyncOpenAI
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel
 
 from bots.children import stop_child
-from bots.settings import RedisSettings
+from bots.llm.embeddings import OpenAIEmbedder
+from bots.settings import KnowledgeSettings, RedisSettings, load_settings
 from bots.store.embedded import EmbeddedRedis
 from bots.store.redis import RedisContextStore
+from inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ REDIS_TIMEOUT_S = 2.0
 REDIS_POOL_WAIT_S = 10.0
 ENGINE_START_TIMEOUT_S = 900.0
 ENGINE_STOP_TIMEOUT_S = 30.0
+EMBED_TIMEOUT_S = 30.0  # one batch of passages on a busy CPU
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
@@ -150,11 +155,12 @@ async def local_inference(
     *,
     env: Mapping[str, str] | None = None,
     ready_within: float = ENGINE_START_TIMEOUT_S,
+    served: str = "chat",
 ) -> AsyncIterator[None]:
-    """Run `python -m inference serve` until the block ends; reuse one already healthy.
+    """Run `python -m inference serve SERVED` until the block ends; reuse one already healthy.
 
     Its output goes to `log_path`, so the console stays readable. `env` replaces this
-    process's environment for it.
+    process's environment for it. `served` is "chat" or "embeddings".
     """
     if await is_healthy(base_url):
         yield
@@ -162,7 +168,7 @@ async def local_inference(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "inference", "serve"],
+            *[sys.executable, "-m", "inference", "serve", served],
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output,
             stderr=output,
@@ -189,3 +195,31 @@ async def _wait_healthy(
                 f"the inference service was not ready in {ready_within:.0f} s; see {log_path}"
             )
         await asyncio.sleep(1.0)
+
+
+@asynccontextmanager
+async def open_embedder(
+    settings: KnowledgeSettings, data_dir: Path
+) -> AsyncIterator[OpenAIEmbedder]:
+    """Connect to KB_EMBED_BASE_URL, or start the local embedding model (and stop it after)."""
+    async with AsyncExitStack() as stack:
+        base_url, api_key = settings.embed_base_url, settings.embed_api_key.get_secret_value()
+        model = settings.embed_model
+        if base_url is None:
+            engine = load_settings(InferenceSettings)
+            base_url, model = engine.embed_base_url, engine.embed_served_model_name
+            if engine.api_key is not None:
+                api_key = engine.api_key.get_secret_value()
+            print("Starting the local embedding model...", file=sys.stderr)
+            await stack.enter_async_context(
+                local_inference(base_url, data_dir / "logs" / "embeddings.log", served="embeddings")
+            )
+        client = await stack.enter_async_context(
+            AsyncOpenAI(
+                base_url=base_url,
+                api_key=api_key or "none",
+                timeout=openai.Timeout(EMBED_TIMEOUT_S, connect=REDIS_TIMEOUT_S),
+                max_retries=2,
+            )
+        )
+        yield OpenAIEmbedder(client, model=model, max_tokens=settings.embed_max_tokens)

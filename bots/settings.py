@@ -203,6 +203,49 @@ class HttpSettings(BaseModel):
     widget_title: str = Field(default="Chat with us", min_length=1, max_length=80)
 
 
+class KnowledgeSettings(BaseModel):
+    """Knowledge bases: answers from the operator's documents (`python -m bots kb`)."""
+
+    default: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Knowledge base every conversation answers from unless /kb says otherwise.",
+    )
+    embed_base_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible base URL of the embedding model; unset starts the "
+        "local one when a knowledge base exists.",
+    )
+    embed_api_key: SecretStr = SecretStr("")
+    embed_model: str = "parley-embed"
+    embed_max_tokens: int = Field(
+        default=256, ge=16, description="Longer texts are cut to this many tokens when embedded."
+    )
+    passage_tokens: int = Field(
+        default=200, ge=32, description="Tokens per passage at most, its title path included."
+    )
+    overlap_tokens: int = Field(default=32, ge=0, description="Tokens a passage repeats.")
+    max_document_mb: float = Field(default=20.0, gt=0, description="Larger files are refused.")
+    top_k: int = Field(default=4, ge=1, le=20, description="Passages an answer is given at most.")
+    threshold: float = Field(
+        default=0.5,
+        ge=-1,
+        le=2,
+        description="Least relevance a passage needs: cosine, plus up to 0.25 for the "
+        "question's words it holds when re-scored.",
+    )
+    rescore: bool = Field(default=True, description="Re-score candidates by shared words.")
+    free_answers: bool = Field(
+        default=False,
+        description="With nothing relevant found, the model answers anyway; off: NO_ANSWER.",
+    )
+    no_answer: str = Field(
+        default="I don't have that in my documentation.",
+        min_length=1,
+        description="The answer when nothing relevant is found (and free answers are off).",
+    )
+
+
 class OpsSettings(BaseModel):
     """Each bot process's endpoints for its operators: /healthz, /readyz, /metrics."""
 
@@ -235,6 +278,7 @@ class BotSettings(BaseSettings):
     console: ConsoleSettings = ConsoleSettings()
     http: HttpSettings = HttpSettings()
     ops: OpsSettings = OpsSettings()
+    kb: KnowledgeSettings = KnowledgeSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
 

@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="convert the bundled default model once")
-    commands.add_parser("serve", help="start vLLM's OpenAI-compatible server")
+    serve_parser = commands.add_parser("serve", help="start vLLM's OpenAI-compatible server")
+    serve_parser.add_argument(
+        "served", nargs="?", default="chat", choices=["chat", "embeddings"],
+        help="chat (default): the chat model; embeddings: the knowledge base's embedding model",
+    )  # fmt: skip
     add_finetune_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             print(prepare_default_model(Path(settings.data_dir) / "models"))
         else:
-            serve(settings)
+            serve(settings, args.served)
     except (SettingsError, BundleMissing, EngineMissing) as error:
         print(f"inference: {error}", file=sys.stderr)
         return 2

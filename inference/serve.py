@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from inference.prepare import prepare_default_model
+from inference.prepare import bundled_embedding_model, prepare_default_model
 from inference.settings import InferenceSettings
 
 Device = Literal["cpu", "gpu"]
+Served = Literal["chat", "embeddings"]
 CPU_BLOCK_SIZE = 32
 
 
@@ -130,6 +131,37 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
     return EngineLaunch(argv, env)
 
 
+def embedding_launch(settings: InferenceSettings, model: str, device: Device) -> EngineLaunch:
+    """Build the command line and environment that start vLLM serving the embedding model.
+
+    vLLM serves one model per process, so the knowledge base's embeddings get their own,
+    on their own port, beside the chat model's.
+    """
+    eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
+    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--served-model-name", settings.embed_served_model_name,
+        "--runner", "pooling",
+        "--host", settings.host,
+        "--port", str(settings.embed_port),
+        "--dtype", dtype,
+    ]  # fmt: skip
+    if eager:
+        argv.append("--enforce-eager")
+    env = {"HF_HUB_OFFLINE": "1"}
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.embed_kv_cache_gib:g}"
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    else:
+        argv += ["--gpu-memory-utilization", str(settings.embed_gpu_memory_utilization)]
+    if settings.api_key is not None:
+        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+    argv += shlex.split(settings.embed_extra_args)
+    return EngineLaunch(argv, env)
+
+
 def resolve_model(settings: InferenceSettings) -> str:
     """Return the model to serve, preparing the bundled default when none is configured."""
     if settings.model:
@@ -137,8 +169,16 @@ def resolve_model(settings: InferenceSettings) -> str:
     return str(prepare_default_model(Path(settings.data_dir) / "models"))
 
 
-def serve(settings: InferenceSettings) -> None:
+def resolve_embedding_model(settings: InferenceSettings) -> str:
+    """Return the embedding model to serve: the one configured, else the bundled one."""
+    return settings.embed_model or str(bundled_embedding_model())
+
+
+def serve(settings: InferenceSettings, served: Served = "chat") -> None:
     """Replace this process with the vLLM server, so signals reach it directly."""
     device = installed_device() if settings.device == "auto" else settings.device
-    launch = engine_launch(settings, resolve_model(settings), device)
+    if served == "chat":
+        launch = engine_launch(settings, resolve_model(settings), device)
+    else:
+        launch = embedding_launch(settings, resolve_embedding_model(settings), device)
     os.execve(launch.argv[0], launch.argv, {**os.environ, **launch.env})

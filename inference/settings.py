@@ -44,9 +44,29 @@ class InferenceSettings(BaseSettings):
         description="KV cache block size in tokens; unset: 32 on a CPU, vLLM's default on a GPU.",
     )
     extra_args: str = Field(default="", description="More vLLM flags, shell-quoted.")
+    embed_model: str | None = Field(
+        default=None,
+        description="The knowledge base's embedding model (folder or name); unset: the "
+        "bundled all-MiniLM-L6-v2 (English). On a GPU name a multilingual one, e.g. bge-m3.",
+    )
+    embed_served_model_name: str = "parley-embed"
+    embed_port: int = Field(default=8001, ge=1, le=65535)
+    embed_kv_cache_gib: float = Field(default=1.0, gt=0, description="Its KV cache on a CPU.")
+    embed_gpu_memory_utilization: float = Field(
+        default=0.05, gt=0, lt=1, description="Its share of a GPU, beside the chat model's."
+    )
+    embed_extra_args: str = Field(default="", description="More vLLM flags for it.")
 
     @property
     def base_url(self) -> str:
-        """The OpenAI-compatible base URL this server answers on."""
+        """The OpenAI-compatible base URL the chat model answers on."""
+        return self._url(self.port)
+
+    @property
+    def embed_base_url(self) -> str:
+        """The OpenAI-compatible base URL the embedding model answers on."""
+        return self._url(self.embed_port)
+
+    def _url(self, port: int) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{host}:{port}/v1"

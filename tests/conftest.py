@@ -83,19 +83,25 @@ ENGINE_MAX_MODEL_LEN = 2048
 
 
 @asynccontextmanager
-async def running_engine(log_dir: Path, **settings: str) -> AsyncIterator[str]:
-    """Run `python -m inference serve` with the bundled model; yield its base URL."""
+async def running_engine(
+    log_dir: Path, served: str = "chat", **settings: str
+) -> AsyncIterator[str]:
+    """Run `python -m inference serve SERVED` with the bundled model; yield its base URL."""
     port = free_port()
     env = {
         "DATA_DIR": str(ROOT / "data"),
-        "INFERENCE_PORT": str(port),
+        "INFERENCE_PORT" if served == "chat" else "INFERENCE_EMBED_PORT": str(port),
         "INFERENCE_KV_CACHE_GIB": "1",
         "INFERENCE_MAX_NUM_SEQS": "16",
         **settings,
     }
     base_url = f"http://127.0.0.1:{port}/v1"
     async with local_inference(
-        base_url, log_dir / "inference.log", env={**os.environ, **env}, ready_within=600
+        base_url,
+        log_dir / f"{served}.log",
+        env={**os.environ, **env},
+        ready_within=600,
+        served=served,
     ):
         yield base_url
 
@@ -134,6 +140,14 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
         INFERENCE_EXTRA_ARGS=f"--chat-template {strict_chat_template(folder)}",
     ) as base_url:
         yield base_url
+
+
+@pytest.fixture(scope="session")
+async def embedding_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """The bundled embedding model (all-MiniLM-L6-v2) served by vLLM, started once."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    async with running_engine(folder, "embeddings", INFERENCE_API_KEY=ENGINE_API_KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import math
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from bots.core.knowledge import words
 from bots.core.models import (
     ADMITTED,
     Admission,
@@ -26,7 +29,7 @@ from bots.core.models import (
     Turn,
     Usage,
 )
-from bots.core.ports import ModelError, StoreUnavailable
+from bots.core.ports import KnowledgeUnavailable, ModelError, StoreUnavailable
 from bots.core.service import ConversationService
 
 
@@ -78,6 +81,7 @@ class MemoryStore:
             self.windows.get(key),
             options.get("adapter"),
             None if collect is None else collect == "on",
+            options.get("kb"),
         )
 
     async def set_option(
@@ -218,3 +222,35 @@ def text_of(parts: list[ReplyPart]) -> str:
 
 def notices(parts: list[ReplyPart]) -> list[NoticeKind]:
     return [p.kind for p in parts if isinstance(p, Notice)]
+
+
+@dataclass
+class WordEmbedder:
+    """Embedder whose vectors are the hashed words of a text: shared words, close vectors.
+
+    `fail_after` embedding calls succeed, then each raises KnowledgeUnavailable (None: never).
+    """
+
+    dimension: int = 64
+    fail_after: int | None = None
+    calls: int = 0
+    embedded: list[str] = field(default_factory=list)
+    model: str = "word-hash"
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KnowledgeUnavailable("embedding server failed: connection refused")
+        self.calls += 1
+        self.embedded += texts
+        return [self._vector(text) for text in texts]
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(text.split()) for text in texts]
+
+    def _vector(self, text: str) -> list[float]:
+        vector = [0.0] * self.dimension
+        for word in words(text):
+            digest = hashlib.sha256(word.encode()).digest()
+            vector[digest[0] % self.dimension] += 1.0 if digest[1] % 2 else -1.0
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        return [x / norm for x in vector] if any(vector) else [1.0] + [0.0] * (self.dimension - 1)

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bots.core.models import ConversationKey, Incoming
+from bots.core.models import KNOWLEDGE_OFF, ConversationKey, Incoming
 from bots.core.notices import wait_text
-from bots.core.ports import ChatModel, ContextStore, Limiter
+from bots.core.ports import ChatModel, ContextStore, KnowledgeIndex, Limiter
 
 if TYPE_CHECKING:
     from bots.core.service import ChatPolicy
@@ -73,6 +73,7 @@ class Call:
     model: ChatModel
     limiter: Limiter | None
     policy: ChatPolicy
+    knowledge: KnowledgeIndex | None = None  # None: knowledge bases are not set up
 
 
 Handler = Callable[[Call], Awaitable[str]]
@@ -233,6 +234,48 @@ async def _collect_set(call: Call) -> str:
     return await _collect_show(call)
 
 
+async def _kb_show(call: Call) -> str:
+    if call.knowledge is None:
+        return "Knowledge bases are not set up on this server."
+    chosen = (await call.store.state(call.key.channel_key)).knowledge
+    default = call.incoming.knowledge or call.policy.knowledge_default
+    current = None if chosen == KNOWLEDGE_OFF else chosen or default
+    how = "as an admin chose" if chosen is not None else "by default"
+    if current is None:
+        answer = f"I answer here without a knowledge base ({how})."
+    else:
+        answer = f"I answer here from the knowledge base {current} ({how})."
+    return f"{answer} {_knowledge_bases(await call.knowledge.names())}"
+
+
+async def _kb_use(call: Call) -> str:
+    name = call.text.strip().lower()
+    if call.knowledge is None:
+        return "Knowledge bases are not set up on this server."
+    if not name:
+        return "Say which one: /kb use <name>."
+    if not await call.knowledge.exists(name):
+        return (
+            f"There is no knowledge base {name}. {_knowledge_bases(await call.knowledge.names())}"
+        )
+    await call.store.set_option(call.key.channel_key, "kb", name)
+    return f"I answer here from the knowledge base {name} from the next message."
+
+
+async def _kb_off(call: Call) -> str:
+    await call.store.set_option(call.key.channel_key, "kb", KNOWLEDGE_OFF)
+    return "I answer here without a knowledge base from the next message."
+
+
+async def _kb_default(call: Call) -> str:
+    await call.store.set_option(call.key.channel_key, "kb", None)
+    return await _kb_show(call)
+
+
+def _knowledge_bases(names: list[str]) -> str:
+    return f"Knowledge bases: {', '.join(names) or 'none'}."
+
+
 def _served(adapters: list[str]) -> str:
     return f"Served adapters: {', '.join(adapters) or 'none'}."
 
@@ -247,6 +290,7 @@ def user_of(incoming: Incoming) -> str | None:
 _PERSONA_ADMINS = "Only admins can change my persona in a group."
 _ADAPTER_ADMINS = "Only admins can choose the adapter in a group."
 _COLLECT_ADMINS = "Only admins can change whether a group's conversation is collected."
+_KB_ADMINS = "Only admins can choose the knowledge base in a group."
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
@@ -322,6 +366,39 @@ COMMANDS: tuple[CommandSpec, ...] = (
         ),
         option=Option("choice", "on or off", choices=("on", "off")),
         usage="Use /collect, /collect on or /collect off.",
+    ),
+    CommandSpec(
+        "kb",
+        "Show or choose (admins) the documentation I answer from",
+        "show the knowledge base I answer from; admins: /kb use <name>, /kb off, /kb default",
+        (
+            Action("", _kb_show),
+            Action("show", _kb_show, "Show the knowledge base answering here"),
+            Action(
+                "use",
+                _kb_use,
+                "Answer from a knowledge base (admins)",
+                Option("name", "the knowledge base's name", required=True),
+                admins=Shared.CHANNEL,
+                refusal=_KB_ADMINS,
+            ),
+            Action(
+                "off",
+                _kb_off,
+                "Answer without one (admins)",
+                admins=Shared.CHANNEL,
+                refusal=_KB_ADMINS,
+            ),
+            Action(
+                "default",
+                _kb_default,
+                "Back to the server's default (admins)",
+                admins=Shared.CHANNEL,
+                refusal=_KB_ADMINS,
+            ),
+        ),
+        subcommands=True,
+        usage="Use /kb, /kb use <name>, /kb off or /kb default.",
     ),
     CommandSpec("help", "How to talk to Parley", "show this help", (Action("", _help),)),
 )

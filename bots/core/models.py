@@ -61,6 +61,10 @@ class Turn:
     usage: Usage | None = None
     message_id: str | None = None
     seq: int | None = None  # the store numbers a conversation's turns 1, 2, 3... as it records them
+    # A user turn answered from a knowledge base: its name and the ids of the passages the
+    # model read with the turn (the text stays in the index, not in the history).
+    knowledge: str | None = None
+    passages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,9 @@ class Incoming:
     in_group: bool = False
     message_id: str | None = None
     is_admin: bool = False  # may change what the whole conversation shares (persona, reset)
+    # The knowledge base the platform answers from here (an HTTP integration's); a
+    # channel's own choice (/kb) comes first, the KB_DEFAULT setting last.
+    knowledge: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,7 @@ class NoticeKind(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     BUDGET_SPENT = "budget_spent"
     QUEUED = "queued"
+    KNOWLEDGE_UNAVAILABLE = "knowledge_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +131,42 @@ class Notice:
     until: float | None = None
 
 
-ReplyPart = str | Notice
-"""What a reply stream yields: model text deltas, and notices from Parley."""
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A piece of an operator's document, as the knowledge base keeps it."""
+
+    id: str
+    doc: str  # the document's id in its knowledge base (its path there)
+    titles: tuple[str, ...]  # the title path: the document's title, then its headings
+    link: str | None  # where a reader finds it: a URL, or the file's path and anchor
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A passage found for a question, with its relevance (cosine similarity, -1 to 1)."""
+
+    passage: Passage
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an answer comes from, as users are shown it."""
+
+    title: str
+    link: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """The sources of the answer just streamed; comes last in its reply."""
+
+    items: tuple[Source, ...]
+
+
+ReplyPart = str | Notice | Sources
+"""What a reply stream yields: model text deltas, notices from Parley, and the sources."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +183,7 @@ class ConversationState:
     window_start: int | None = None
     adapter: str | None = None  # the fine-tuned adapter answering here; None: the base model
     collect: bool | None = None  # transcripts may be exported for training; None: the default
+    knowledge: str | None = None  # the knowledge base answering here, "off"; None: the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +207,11 @@ class TokenUsage:
     resets_in: float  # seconds until the day (UTC) turns
 
 
-ChannelOption = Literal["persona", "adapter", "collect"]
+ChannelOption = Literal["persona", "adapter", "collect", "kb"]
 """The options an admin sets for a channel, stored as text ("on"/"off" for collect)."""
+
+KNOWLEDGE_OFF = "off"
+"""The `kb` option's value that turns the default knowledge base off in a channel."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +223,4 @@ class Integration:
     created: float
     messages: int | None = None  # None: the channel's default quota
     window: float | None = None
+    knowledge: str | None = None  # the knowledge base its conversations answer from

@@ -8,6 +8,8 @@ import time
 from bots.core.models import Admission, Notice, NoticeKind
 from bots.core.ports import (
     AdapterUnknown,
+    KnowledgeMissing,
+    KnowledgeUnavailable,
     ModelError,
     ModelInterrupted,
     ModelRejected,
@@ -35,7 +37,14 @@ _NOTICES = {
         "I can't reach my conversation memory right now; try again in a moment."
     ),
     NoticeKind.QUEUED: "Many people are talking to me right now; you're in line.",
+    NoticeKind.KNOWLEDGE_UNAVAILABLE: (
+        "I can't search my documentation right now. Your message is kept; try again in a moment."
+    ),
 }
+KNOWLEDGE_GONE = (
+    "The knowledge base chosen here does not exist any more; an admin can pick another "
+    "with /kb use <name>. Your message is kept."
+)
 SHORTENED = (
     "Your message is longer than I can read at once; I read its first {read:,} of {whole:,} "
     "characters."
@@ -55,6 +64,13 @@ def notice(kind: NoticeKind, text: str | None = None, retry_after: float | None 
 def shortened_notice(read: int, whole: int) -> Notice:
     """Tell a user their message was cut, and how many of its characters were read."""
     return notice(NoticeKind.MESSAGE_SHORTENED, SHORTENED.format(read=read, whole=whole))
+
+
+def knowledge_notice(error: KnowledgeUnavailable) -> Notice:
+    """Tell a user the documentation could not be searched, and why in their terms."""
+    if isinstance(error, KnowledgeMissing):
+        return notice(NoticeKind.KNOWLEDGE_UNAVAILABLE, KNOWLEDGE_GONE)
+    return notice(NoticeKind.KNOWLEDGE_UNAVAILABLE)
 
 
 def wait_text(seconds: float) -> str:

@@ -11,8 +11,10 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    Hit,
     Integration,
     NoticeKind,
+    Passage,
     PromptMessage,
     TokenUsage,
     Turn,
@@ -49,6 +51,14 @@ class AdapterUnknown(ModelRejected):
 
 class ModelInterrupted(ModelError):
     """The reply stream broke after it had started."""
+
+
+class KnowledgeUnavailable(Exception):
+    """The knowledge base could not be searched: its embedding server or its index failed."""
+
+
+class KnowledgeMissing(KnowledgeUnavailable):
+    """No knowledge base of that name exists."""
 
 
 class ContextStore(Protocol):
@@ -124,6 +134,41 @@ class ChatModel(Protocol):
 
     async def special_tokens(self) -> Sequence[str]:
         """List the texts the served tokenizer reads as special tokens (may be empty)."""
+        ...
+
+
+class Embedder(Protocol):
+    """The embedding model of the knowledge base."""
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed each text as one unit-length vector; raises KnowledgeUnavailable."""
+        ...
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Count the embedding model's tokens of each text (special tokens left out)."""
+        ...
+
+
+class KnowledgeIndex(Protocol):
+    """Knowledge bases' passages, searched by their vectors."""
+
+    async def search(self, name: str, vectors: Sequence[Sequence[float]], count: int) -> list[Hit]:
+        """The `count` passages closest to any of `vectors`, best first, scored by cosine.
+
+        Raises KnowledgeMissing for an unknown knowledge base.
+        """
+        ...
+
+    async def passages(self, name: str, ids: Sequence[str]) -> dict[str, Passage]:
+        """The passages of these ids still in the knowledge base, by id."""
+        ...
+
+    async def exists(self, name: str) -> bool:
+        """Whether a knowledge base of that name exists."""
+        ...
+
+    async def names(self) -> list[str]:
+        """The names of every knowledge base, sorted."""
         ...
 
 

@@ -22,21 +22,35 @@ from bots.core.commands import (
     user_of,
 )
 from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
+from bots.core.knowledge import Retriever, ground, sources_of
 from bots.core.line import ArrivalLine, Place, Stoppable
 from bots.core.models import (
+    KNOWLEDGE_OFF,
     ConversationKey,
+    ConversationState,
     Incoming,
     Notice,
     NoticeKind,
+    Passage,
     ReplyPart,
     Role,
+    Source,
+    Sources,
     Turn,
     Usage,
 )
-from bots.core.notices import NOT_SAVED, limited_notice, model_notice, notice, shortened_notice
+from bots.core.notices import (
+    NOT_SAVED,
+    knowledge_notice,
+    limited_notice,
+    model_notice,
+    notice,
+    shortened_notice,
+)
 from bots.core.ports import (
     ChatModel,
     ContextStore,
+    KnowledgeUnavailable,
     Limiter,
     ModelError,
     NoObserver,
@@ -65,6 +79,9 @@ class ChatPolicy:
         max_in_flight: model requests at once from this process; more wait in line.
         collect_default: conversations may be exported for training unless an admin says no.
         show_reasoning: stream a reasoning model's `<think>` blocks to users (never stored).
+        knowledge_default: the knowledge base conversations answer from unless /kb says.
+        free_answers: with nothing relevant in the knowledge base, the model answers anyway.
+        no_answer: the answer instead, when it does not.
     """
 
     system_prompt: str = ""
@@ -76,6 +93,9 @@ class ChatPolicy:
     max_in_flight: int = 64
     collect_default: bool = False
     show_reasoning: bool = False
+    knowledge_default: str | None = None
+    free_answers: bool = False
+    no_answer: str = "I don't have that in my documentation."
 
 
 class ConversationService:
@@ -94,8 +114,10 @@ class ConversationService:
         limiter: Limiter | None = None,
         policy: ChatPolicy = ChatPolicy(),
         observer: Observer | None = None,
+        knowledge: Retriever | None = None,
     ) -> None:
         self._store = store
+        self._knowledge = knowledge
         self._observer: Observer = observer or NoObserver()
         self._model = model
         self._limiter = limiter
@@ -190,7 +212,7 @@ class ConversationService:
             async for part in underway.run(parts):
                 if isinstance(part, Notice):
                     observer.noticed(platform, part.kind)
-                elif part:
+                elif isinstance(part, str) and part:
                     if from_model and not answered:
                         observer.first_token(platform, time.monotonic() - started)
                     answered = True
@@ -256,7 +278,15 @@ class ConversationService:
         if spec.ends_reply:  # /reset: the reply under way stops here, then the turns go
             self._stop_reply(key)
         call = Call(
-            incoming, key, word, text, self._store, self._model, self._limiter, self._policy
+            incoming,
+            key,
+            word,
+            text,
+            self._store,
+            self._model,
+            self._limiter,
+            self._policy,
+            self._knowledge.index if self._knowledge is not None else None,
         )
         return self._run(action, call), self._place_for(spec, key)
 
@@ -292,22 +322,34 @@ class ConversationService:
                     yield "There is no message of yours to answer again yet."
                     return
                 turn, history, replacing = history[last], history[:last], history[last].seq
+            turn = await self._grounded(self._knowledge_of(incoming, channel), turn, history)
+            if turn.knowledge is not None and not turn.passages and not self._policy.free_answers:
+                yield self._policy.no_answer  # nothing relevant: no answer is made up
+                await self._record_answer(key, turn, self._policy.no_answer, replacing)
+                return
+            passages = await self._passages_of([*history, turn])
             adapter = channel.adapter
             budget = await self._model.context_window() - self._policy.reply_tokens
             markers = await self._special_tokens()
-            user_turn = turn
 
-            async def fit() -> Fitted:
+            async def fit(start: int | None = state.window_start) -> Fitted:
+                *read_history, read_turn = ground([*history, turn], passages, start or 0)
                 return await self._fitter.fit(
                     system_of(channel.persona, self._policy.system_prompt),
-                    history,
-                    user_turn,
-                    window_start=state.window_start,
+                    read_history,
+                    read_turn,
+                    window_start=start,
                     budget=budget,
                     clean=lambda text: neutralize(text, markers),
                 )
 
             fitted = await fit()
+            if passages and fitted.window_start is not None:
+                # The window moved: passages given with a turn now left out are given
+                # with the next turn that has them, as the next prompt will give them.
+                moved, fitted = fitted.window_start, await fit(fitted.window_start)
+                if fitted.window_start is None:  # it fits from there: store that start
+                    fitted = dataclasses.replace(fitted, window_start=moved)
         except StoreUnavailable:
             log.warning("context store unavailable", extra={"conversation": str(key)})
             yield notice(NoticeKind.STORE_UNAVAILABLE)
@@ -317,12 +359,57 @@ class ConversationService:
                 await self._keep_user_turn(key, turn)
             yield model_notice(error)
             return
+        except KnowledgeUnavailable as error:
+            log.warning("knowledge base unavailable: %s", error, extra={"conversation": str(key)})
+            if turn is not None and replacing is None:
+                await self._keep_user_turn(key, turn)
+            yield knowledge_notice(error)
+            return
         if fitted.shortened or cut:  # a stored cut's text ends at `max_message_chars`
             whole = len(sanitize(incoming.text)) if cut else len(turn.content)
             yield shortened_notice(min(fitted.read, self._policy.max_message_chars), whole)
-        parts = self._stream_and_record(key, turn, fitted, fit, replacing, user, adapter)
+        sources = sources_of([passages[pid] for pid in turn.passages if pid in passages])
+        parts = self._stream_and_record(key, turn, fitted, fit, replacing, user, adapter, sources)
         async for part in parts:
             yield part
+
+    def _knowledge_of(self, incoming: Incoming, channel: ConversationState) -> str | None:
+        """The knowledge base answering here: the channel's choice, the platform's, the default."""
+        if self._knowledge is None or channel.knowledge == KNOWLEDGE_OFF:
+            return None
+        return channel.knowledge or incoming.knowledge or self._policy.knowledge_default
+
+    async def _grounded(self, name: str | None, turn: Turn, history: Sequence[Turn]) -> Turn:
+        """The turn with the passages that answer it (a retried turn keeps its own)."""
+        if name is None or self._knowledge is None or turn.passages:
+            return turn
+        last = _last_user_turn(history)
+        previous = history[last].content if last is not None else None
+        hits = await self._knowledge.retrieve(name, turn.content, previous)
+        ids = tuple(hit.passage.id for hit in hits)
+        return dataclasses.replace(turn, knowledge=name, passages=ids)
+
+    async def _passages_of(self, turns: Sequence[Turn]) -> dict[str, Passage]:
+        """The passages the turns were answered with, as the index holds them now."""
+        wanted: dict[str, list[str]] = {}
+        for turn in turns:
+            if turn.knowledge is not None and turn.passages:
+                wanted.setdefault(turn.knowledge, []).extend(turn.passages)
+        if self._knowledge is None or not wanted:
+            return {}
+        found: dict[str, Passage] = {}
+        for name, ids in wanted.items():
+            found.update(await self._knowledge.index.passages(name, list(dict.fromkeys(ids))))
+        return found
+
+    async def _record_answer(
+        self, key: ConversationKey, turn: Turn, text: str, replacing: int | None
+    ) -> None:
+        """Store an exchange Parley answered itself, without the model."""
+        try:
+            await self._store.append(key, turn, Turn(Role.ASSISTANT, text), replacing=replacing)
+        except StoreUnavailable:
+            log.warning("reply not recorded: store unavailable", extra={"conversation": str(key)})
 
     async def _stream_and_record(
         self,
@@ -333,6 +420,7 @@ class ConversationService:
         replacing: int | None,
         user: str | None,
         adapter: str | None,
+        sources: tuple[Source, ...] = (),
     ) -> AsyncGenerator[ReplyPart, None]:
         pieces: list[str] = []  # as the model wrote them, reasoning included
         usage: Usage | None = None
@@ -367,6 +455,8 @@ class ConversationService:
                 return
             finally:
                 self._observer.model_calls(key.platform, -1)
+        if sources:
+            yield Sources(sources)
         # Only the answer is recorded: reasoning never reaches the next prompt or an export.
         reply = Turn(Role.ASSISTANT, hide_reasoning("".join(pieces)), usage=usage)
         if (underway := self._underway.get(key)) is not None:

@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from bots.core.knowledge import plain_sources
 from bots.core.line import ArrivalLine
-from bots.core.models import Incoming, Notice, ReplyPart
+from bots.core.models import Incoming, Notice, ReplyPart, Source, Sources
 from bots.core.notices import shown_text
 from bots.core.service import ConversationService
 from bots.delivery.inflight import CLOSED_NOTICE, InFlight
 from bots.delivery.stream import CallWindow, Limits, MessageSink, StreamingDelivery
+
+ShowSources = Callable[[Sequence[Source]], str]
+"""Mark up the sources under an answer as the platform shows them."""
 
 ShowTyping = Callable[[], Awaitable[object]]
 """Show the platform's typing indicator once; it must not raise (typing is a courtesy)."""
@@ -36,20 +40,24 @@ class ChatStyle:
         limits: its message size and edit rate.
         notice: the markup of a notice's text (small print, italics...).
         typing_every: seconds between two typing calls: the indicator fades after a while.
+        sources: the markup of an answer's sources (links where the platform has them).
     """
 
     platform: str
     limits: Limits
     notice: Callable[[str], str]
     typing_every: float
+    sources: ShowSources = field(default_factory=lambda: plain_sources)
 
 
 async def render(
     parts: AsyncIterator[ReplyPart],
     notice: Callable[[str], str],
     shown: asyncio.Event | None = None,
+    sources: ShowSources = plain_sources,
 ) -> AsyncIterator[str]:
-    """Mark notices up as the platform shows them, each on a line of its own; pass text on.
+    """Mark notices and sources up as the platform shows them, each on lines of their own;
+    pass text on.
 
     A notice that tells a wait is worded once `shown` is set (when the reply's turn to
     be shown has come), so the wait it says is the one left then.
@@ -60,6 +68,8 @@ async def render(
             if part.until is not None and shown is not None:
                 await shown.wait()
             yield f"{separator}{notice(shown_text(part))}\n"
+        elif isinstance(part, Sources):
+            yield f"{separator}\n{sources(part.items)}\n"
         else:
             yield part
         separator = "\n"
@@ -152,7 +162,7 @@ class ChatReplies:
             after=self._line.join(order if order is not None else incoming.key.channel_key),
             on_rate_limited=self._rate_limited,
         )
-        deltas = render(parts, self._style.notice, delivery.turn)
+        deltas = render(parts, self._style.notice, delivery.turn, self._style.sources)
 
         async def cut_short(text: str) -> None:  # the partial text becomes the notice
             if not await delivery.replace_with(text):
@@ -162,7 +172,9 @@ class ChatReplies:
 
     async def text(self, incoming: Incoming) -> str:
         """The whole answer as one text, for platforms that post it at once."""
-        parts = render(self._service.respond(incoming), self._style.notice)
+        parts = render(
+            self._service.respond(incoming), self._style.notice, None, self._style.sources
+        )
         return "".join([part async for part in parts]).strip()
 
     def _rate_limited(self) -> None:

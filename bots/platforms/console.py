@@ -10,7 +10,8 @@ from contextlib import aclosing
 from typing import TextIO
 
 from bots.core.commands import HELP_TEXT
-from bots.core.models import Author, ConversationKey, Incoming, Notice
+from bots.core.knowledge import plain_sources
+from bots.core.models import Author, ConversationKey, Incoming, Notice, Sources
 from bots.core.service import ConversationService
 
 ReadLine = Callable[[], Awaitable[str | None]]
@@ -77,6 +78,8 @@ class ConsoleChat:
             async for part in parts:
                 if isinstance(part, Notice):
                     self._show(part)
+                elif isinstance(part, Sources):
+                    self._out.write(f"\n{plain_sources(part.items)}")
                 else:
                     self._out.write(part)
                     self._out.flush()

@@ -9,9 +9,10 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import aiohttp
 import discord
@@ -21,7 +22,8 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bots.core.commands import COMMANDS, HELP_TEXT, Option
-from bots.core.models import Author, ConversationKey, Incoming
+from bots.core.knowledge import is_web_link
+from bots.core.models import Author, ConversationKey, Incoming, Source
 from bots.core.ports import Observer
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
@@ -35,7 +37,24 @@ log = logging.getLogger(__name__)
 # 2000 characters a message; Discord allows about 5 edits per 5 s per message.
 DISCORD_LIMITS = Limits(max_chars=2000, edit_interval=1.25, burst=5, window=5.0)
 # Notices in Discord's small grey subtext; "typing…" lasts 10 s, discord.py renews it every 5.
-DISCORD_STYLE = ChatStyle("discord", DISCORD_LIMITS, notice="-# {}".format, typing_every=5.0)
+
+
+def discord_sources(sources: Sequence[Source]) -> str:
+    """An answer's sources as Discord subtext: masked links, their previews suppressed."""
+    items = [
+        f"[{title}](<{quote(s.link, safe=URL_SAFE)}>)" if is_web_link(s.link) and s.link else title
+        for s in sources
+        for title in [discord.utils.escape_markdown(" ".join(s.title.split())).translate(NO_LINK)]
+    ]
+    return "-# Sources: " + " · ".join(items)
+
+
+# A masked link's text may not hold brackets; its address is %-escaped past these.
+NO_LINK = str.maketrans("[]", "()")
+URL_SAFE = ":/?#@!$&'*+,;=%~-._"
+DISCORD_STYLE = ChatStyle(
+    "discord", DISCORD_LIMITS, notice="-# {}".format, typing_every=5.0, sources=discord_sources
+)
 HOW_TO_ASK = "Mention me, reply to me, or DM me."
 # Model output must never notify anyone: no @everyone, @here, role, user or reply pings.
 NO_PINGS = discord.AllowedMentions.none()

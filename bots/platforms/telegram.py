@@ -21,7 +21,7 @@ from bots.delivery.inflight import InFlight
 from bots.delivery.reply import ChatReplies, ChatStyle
 from bots.delivery.stream import CallWindow, Limits, PlatformFailed, RateLimited
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.telegram_markup import italic, to_html
+from bots.platforms.telegram_markup import italic, sources_markup, to_html
 from bots.settings import TelegramSettings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ GROUP_PER_MINUTE = 20
 GROUP_RESERVE = 6  # of those 20, kept for final texts: streaming edits stop earlier
 KNOWN_CHATS = 10_000
 # Notices in italics; "typing…" lasts 5 s, so it is renewed every 4.
-TELEGRAM_STYLE = ChatStyle("telegram", TELEGRAM_LIMITS, notice=italic, typing_every=4.0)
+TELEGRAM_STYLE = ChatStyle(
+    "telegram", TELEGRAM_LIMITS, notice=italic, typing_every=4.0, sources=sources_markup
+)
 # The command menu: /start, which Telegram clients send first, then the core's commands.
 MENU = [
     BotCommand("start", "Start talking to Parley"),

@@ -14,10 +14,13 @@ import functools
 import html
 import re
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
+
+from bots.core.knowledge import is_web_link
+from bots.core.models import Source
 
 BULLET = "• "
 RULE = "———"
@@ -29,6 +32,8 @@ _NEWLINES = re.compile(r"\r\n?|\n")  # markdown-it's own line breaks, for its li
 _TAG = re.compile(r"<[^>]*>")  # every "<" we write opens a tag: text "<" is escaped
 # What could start markup inside a line; a line starting with "_" starts no block.
 _INLINE_MARKUP = re.compile(r"([\\`*_\[\]<&~])")
+# What stays as it is in a link's address; the rest (spaces, parentheses) is %-escaped.
+_URL_SAFE = ":/?#[]@!$&'*+,;=%~-._"
 
 _escape = functools.partial(html.escape, quote=False)
 
@@ -53,6 +58,25 @@ def italic(text: str) -> str:
     """Mark `text` up as Markdown shown in italics, every character as written."""
     lines = (_INLINE_MARKUP.sub(r"\\\1", line.strip()) for line in _NEWLINES.split(text))
     return "\n".join(f"_{line}_" if line else "" for line in lines)
+
+
+def sources_markup(sources: Sequence[Source]) -> str:
+    """An answer's sources as Markdown: "Sources:" in italics, then a link per source.
+
+    Titles keep every character as written; a source without a web address (a file on
+    the operator's machine) is its title alone.
+    """
+    items = [
+        f"[{_escaped(s.title)}]({quote(s.link, safe=_URL_SAFE)})"
+        if is_web_link(s.link) and s.link
+        else _escaped(s.title)
+        for s in sources
+    ]
+    return f"{italic('Sources:')} " + " · ".join(items)
+
+
+def _escaped(text: str) -> str:
+    return _INLINE_MARKUP.sub(r"\\\1", " ".join(text.split()))
 
 
 def to_html(markdown: str) -> str:

