@@ -62,10 +62,9 @@ async def add(settings: BotSettings, index: RedisKnowledge, args: argparse.Names
     for outcome in outcomes:
         if outcome.status != "failed":
             kept = outcome.passages - outcome.embedded
-            print(
-                f"{outcome.status:<9} {outcome.doc_id}: {outcome.passages} passages"
-                + (f" ({kept} unchanged)" if outcome.status == "replaced" and kept else "")
-            )
+            count = f"{outcome.passages} passage{'' if outcome.passages == 1 else 's'}"
+            unchanged = f" ({kept} unchanged)" if outcome.status == "replaced" and kept else ""
+            print(f"{outcome.status:<9} {outcome.doc_id}: {count}{unchanged}")
     failed = sum(outcome.status == "failed" for outcome in outcomes)
     if failed:
         print(f"parley: {failed} document(s) not added; see above", file=sys.stderr)
