@@ -174,9 +174,7 @@ async def measure(context: int, embed_url: str | None, base_url: str | None) -> 
         f"retrieving up to 4 passages of up to 200 tokens; {CONVERSATIONS} conversations x "
         f"{TURNS} turns at once, replies up to {REPLY_TOKENS} tokens"
     )
-    print(
-        f"{'placement':36} | cached prompt tokens | prompt tokens | TTFT p50 | p90"
-    )
+    print(f"{'placement':36} | cached prompt tokens | prompt tokens | TTFT p50 | p90")
     for r in results:
         print(
             f"{r.name:36} | {r.hit_share:20.1%} | {r.prompt_tokens:13,} | "
