@@ -79,7 +79,7 @@ async def per_message(
     search_s: list[float] = []
     for n in range(MESSAGES):
         text = texts[n % len(texts)]
-        queries = [text] if n % 2 else [text, f"{texts[n - 1]}\n{text}"]
+        queries = [text] if n % 2 else [text, f"{texts[(n - 1) % len(texts)]}\n{text}"]
         started = time.perf_counter()
         vectors = await embedder.embed(queries)
         embedded = time.perf_counter()

