@@ -210,3 +210,31 @@ async def test_retry_answers_from_the_same_passages(index: RedisKnowledge) -> No
     assert isinstance(parts[-1], Sources)
     assert model.prompts[1] == model.prompts[0]
     assert store.turns[KEY][0].passages == passages
+
+
+async def test_a_server_wide_choice_applies_where_a_channel_has_none(
+    index: RedisKnowledge,
+) -> None:
+    service, store, model = make(index)
+    server = ConversationKey("test", "server/1")
+    ada = Author("1", "Ada")
+
+    def said(channel: str, text: str) -> Incoming:
+        key = ConversationKey("test", f"1/{channel}")
+        return Incoming(key, text, author=ada, in_group=True, is_admin=True, scope=server)
+
+    assert "every channel" in text_of(await collect(service, said("a", "/kb server empty")))
+    assert store.options[server] == {"kb": "empty"}
+    # Another channel of the server answers from the server's choice (empty: no answer).
+    assert text_of(await collect(service, said("b", "how do I reset the router?"))) == (
+        ChatPolicy().no_answer
+    )
+    assert "for this server" in text_of(await collect(service, said("b", "/kb")))
+    # A channel's own choice comes first.
+    await collect(service, said("c", "/kb use help"))
+    await collect(service, said("c", "how do I reset the router?"))
+    assert EXCERPTS_HEADER in model.prompts[-1][-1].content
+    await collect(service, said("a", "/kb server default"))
+    assert store.options[server] == {}
+    alone = Incoming(KEY, "/kb server help", author=ada)
+    assert "belongs to no server" in text_of(await collect(service, alone))

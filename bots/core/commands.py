@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bots.core.models import KNOWLEDGE_OFF, ConversationKey, Incoming
+from bots.core.models import KNOWLEDGE_OFF, ConversationKey, ConversationState, Incoming
 from bots.core.notices import wait_text
 from bots.core.ports import ChatModel, ContextStore, KnowledgeIndex, Limiter
 
@@ -234,13 +234,31 @@ async def _collect_set(call: Call) -> str:
     return await _collect_show(call)
 
 
+async def knowledge_here(
+    store: ContextStore, incoming: Incoming, channel: ConversationState, policy: ChatPolicy
+) -> str | None:
+    """The knowledge base answering in a channel: its own choice (/kb use, /kb off), else
+    its server's (/kb server), else the platform's (an HTTP integration's), else KB_DEFAULT."""
+    chosen = channel.knowledge
+    if chosen is None and incoming.scope is not None:
+        chosen = (await store.state(incoming.scope)).knowledge
+    if chosen == KNOWLEDGE_OFF:
+        return None
+    return chosen or incoming.knowledge or policy.knowledge_default
+
+
 async def _kb_show(call: Call) -> str:
     if call.knowledge is None:
-        return "Knowledge bases are not set up on this server."
-    chosen = (await call.store.state(call.key.channel_key)).knowledge
-    default = call.incoming.knowledge or call.policy.knowledge_default
-    current = None if chosen == KNOWLEDGE_OFF else chosen or default
-    how = "as an admin chose" if chosen is not None else "by default"
+        return _NO_KNOWLEDGE
+    channel = await call.store.state(call.key.channel_key)
+    current = await knowledge_here(call.store, call.incoming, channel, call.policy)
+    scope = await call.store.state(call.incoming.scope) if call.incoming.scope else None
+    if channel.knowledge is not None:
+        how = "as an admin chose for this channel"
+    elif scope is not None and scope.knowledge is not None:
+        how = "as an admin chose for this server"
+    else:
+        how = "by default"
     if current is None:
         answer = f"I answer here without a knowledge base ({how})."
     else:
@@ -249,17 +267,33 @@ async def _kb_show(call: Call) -> str:
 
 
 async def _kb_use(call: Call) -> str:
+    return await _kb_choose(call, call.key.channel_key, "here")
+
+
+async def _kb_server(call: Call) -> str:
+    if call.incoming.scope is None:
+        return "This chat belongs to no server; /kb use <name> chooses one for it."
+    return await _kb_choose(call, call.incoming.scope, "in every channel of this server")
+
+
+async def _kb_choose(call: Call, where: ConversationKey, said: str) -> str:
+    """Attach a knowledge base (or `off`, or `default`) to a channel or a server."""
     name = call.text.strip().lower()
     if call.knowledge is None:
-        return "Knowledge bases are not set up on this server."
+        return _NO_KNOWLEDGE
     if not name:
-        return "Say which one: /kb use <name>."
+        return f"Say which one: /kb {call.word} <name>, off or default."
+    if name == "default":
+        await call.store.set_option(where, "kb", None)
+        return await _kb_show(call)
+    if name == KNOWLEDGE_OFF:
+        await call.store.set_option(where, "kb", KNOWLEDGE_OFF)
+        return f"I answer {said} without a knowledge base from the next message."
     if not await call.knowledge.exists(name):
-        return (
-            f"There is no knowledge base {name}. {_knowledge_bases(await call.knowledge.names())}"
-        )
-    await call.store.set_option(call.key.channel_key, "kb", name)
-    return f"I answer here from the knowledge base {name} from the next message."
+        known = _knowledge_bases(await call.knowledge.names())
+        return f"There is no knowledge base {name}. {known}"
+    await call.store.set_option(where, "kb", name)
+    return f"I answer {said} from the knowledge base {name} from the next message."
 
 
 async def _kb_off(call: Call) -> str:
@@ -291,6 +325,7 @@ _PERSONA_ADMINS = "Only admins can change my persona in a group."
 _ADAPTER_ADMINS = "Only admins can choose the adapter in a group."
 _COLLECT_ADMINS = "Only admins can change whether a group's conversation is collected."
 _KB_ADMINS = "Only admins can choose the knowledge base in a group."
+_NO_KNOWLEDGE = "Knowledge bases are not set up on this server."
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
@@ -370,7 +405,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         "kb",
         "Show or choose (admins) the documentation I answer from",
-        "show the knowledge base I answer from; admins: /kb use <name>, /kb off, /kb default",
+        "show the knowledge base I answer from; admins: /kb use <name>, /kb off, /kb default,"
+        " /kb server <name> (every channel of a Discord server)",
         (
             Action("", _kb_show),
             Action("show", _kb_show, "Show the knowledge base answering here"),
@@ -392,13 +428,21 @@ COMMANDS: tuple[CommandSpec, ...] = (
             Action(
                 "default",
                 _kb_default,
-                "Back to the server's default (admins)",
+                "Back to the default (admins)",
+                admins=Shared.CHANNEL,
+                refusal=_KB_ADMINS,
+            ),
+            Action(
+                "server",
+                _kb_server,
+                "Choose one for every channel of this Discord server (admins)",
+                Option("name", "a knowledge base's name, off, or default", required=True),
                 admins=Shared.CHANNEL,
                 refusal=_KB_ADMINS,
             ),
         ),
         subcommands=True,
-        usage="Use /kb, /kb use <name>, /kb off or /kb default.",
+        usage="Use /kb, /kb use <name>, /kb off, /kb default or /kb server <name>.",
     ),
     CommandSpec("help", "How to talk to Parley", "show this help", (Action("", _help),)),
 )

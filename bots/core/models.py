@@ -86,6 +86,9 @@ class Incoming:
     # The knowledge base the platform answers from here (an HTTP integration's); a
     # channel's own choice (/kb) comes first, the KB_DEFAULT setting last.
     knowledge: str | None = None
+    # The wider place the channel belongs to (a Discord server), whose options apply
+    # where the channel sets none (/kb server).
+    scope: ConversationKey | None = None
 
 
 @dataclass(frozen=True, slots=True)

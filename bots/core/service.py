@@ -18,6 +18,7 @@ from bots.core.commands import (
     Command,
     CommandSpec,
     find_command,
+    knowledge_here,
     parse_command,
     user_of,
 )
@@ -25,7 +26,6 @@ from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
 from bots.core.knowledge import Retriever, ground, sources_of
 from bots.core.line import ArrivalLine, Place, Stoppable
 from bots.core.models import (
-    KNOWLEDGE_OFF,
     ConversationKey,
     ConversationState,
     Incoming,
@@ -322,7 +322,8 @@ class ConversationService:
                     yield "There is no message of yours to answer again yet."
                     return
                 turn, history, replacing = history[last], history[:last], history[last].seq
-            turn = await self._grounded(self._knowledge_of(incoming, channel), turn, history)
+            name = await self._knowledge_of(incoming, channel)
+            turn = await self._grounded(name, turn, history)
             if turn.knowledge is not None and not turn.passages and not self._policy.free_answers:
                 yield self._policy.no_answer  # nothing relevant: no answer is made up
                 await self._record_answer(key, turn, self._policy.no_answer, replacing)
@@ -373,11 +374,11 @@ class ConversationService:
         async for part in parts:
             yield part
 
-    def _knowledge_of(self, incoming: Incoming, channel: ConversationState) -> str | None:
-        """The knowledge base answering here: the channel's choice, the platform's, the default."""
-        if self._knowledge is None or channel.knowledge == KNOWLEDGE_OFF:
+    async def _knowledge_of(self, incoming: Incoming, channel: ConversationState) -> str | None:
+        """The knowledge base answering here (see `knowledge_here`)."""
+        if self._knowledge is None:
             return None
-        return channel.knowledge or incoming.knowledge or self._policy.knowledge_default
+        return await knowledge_here(self._store, incoming, channel, self._policy)
 
     async def _grounded(self, name: str | None, turn: Turn, history: Sequence[Turn]) -> Turn:
         """The turn with the passages that answer it (a retried turn keeps its own)."""

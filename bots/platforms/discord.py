@@ -251,6 +251,7 @@ class DiscordChat:
             author=Author(str(user.id), user.display_name),
             in_group=guild is not None,
             is_admin=self.is_admin(user, interaction.permissions),
+            scope=server_of(guild),
         )
 
     async def command(self, interaction: discord.Interaction, text: str) -> None:
@@ -291,6 +292,7 @@ class DiscordChat:
             in_group=message.guild is not None,
             message_id=str(message.id),
             is_admin=is_admin,
+            scope=server_of(message.guild.id if message.guild else None),
         )
 
     async def on_edit(self, message: discord.Message, me: discord.ClientUser) -> None:
@@ -306,6 +308,11 @@ class DiscordChat:
             key = conversation_of(channel, payload.guild_id, payload.channel_id)
             deleted = Incoming(key, "", message_id=str(payload.message_id))
         await self._service.forget(deleted)
+
+
+def server_of(guild_id: int | None) -> ConversationKey | None:
+    """The key a Discord server's own options are kept under (/kb server)."""
+    return ConversationKey("discord", f"server/{guild_id}") if guild_id is not None else None
 
 
 SlashCommand = app_commands.Command[Any, ..., None] | app_commands.Group

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bots.core.models import Hit, Passage
-from bots.core.ports import KnowledgeMissing, KnowledgeUnavailable
+from bots.core.ports import KnowledgeMissing, KnowledgeUnavailable, StoreUnavailable
 from bots.store.errors import store_errors
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -229,6 +229,7 @@ class RedisKnowledge:
         """Make the knowledge base if it is new; refuse one built with another model."""
         meta = self.key(name, "meta")
         with store_errors():
+            await self._require_vector_sets()
             created = await self._client.hsetnx(meta, "model", model)
             if created:
                 await self._client.hset(meta, mapping={"dim": dimension, "created": time.time()})
@@ -241,6 +242,17 @@ class RedisKnowledge:
                 f"knowledge base {name!r} was built with {known_model} ({known_dim} dimensions),"
                 f" not {model} ({dimension}); remove it first to build it again with {model}"
             )
+
+    async def _require_vector_sets(self) -> None:
+        try:
+            await self.vectors("")
+        except StoreUnavailable as error:
+            if "unknown command" not in str(error).lower():
+                raise
+            version = (await self._client.info("server")).get("redis_version", "?")
+            raise KnowledgeUnavailable(
+                f"this Redis ({version}) has no vector sets: knowledge bases need Redis 8"
+            ) from error
 
     async def stage(self, name: str, vectors: Sequence[tuple[str, Sequence[float]]]) -> None:
         """Add passages' vectors, invisible to searches until `publish`."""
