@@ -103,6 +103,14 @@ def cached(rank: Ranker) -> Ranker:
     return once
 
 
+def after_another(answerable: Sequence[Question]) -> list[Question]:
+    """The questions, each asked right after the one before it in the set (another topic,
+    mostly): a conversation that moves on must not be held back by its last question."""
+    return [
+        dataclasses.replace(q, previous=answerable[n - 1].text) for n, q in enumerate(answerable)
+    ]
+
+
 def alone(rank: Ranker) -> Ranker:
     """The same ranking, asked without the question before."""
 
@@ -149,10 +157,11 @@ async def measure(embed_url: str | None) -> None:
             rows = []
             for name, (rank, scored) in arms.items():
                 scores = await evaluate(rank, answerable, out_of_scope, threshold)
+                moved_on = await evaluate(rank, after_another(answerable), [], threshold)
                 follow = await evaluate(rank, follow_ups, [], threshold)
                 lone = await evaluate(alone(rank), follow_ups, [], threshold)
                 sweep = [await evaluate(rank, answerable, out_of_scope, t) for t in THRESHOLDS]
-                rows.append((name, scored, scores, follow, lone, sweep))
+                rows.append((name, scored, scores, moved_on, follow, lone, sweep))
             await redis.aclose()
     print(f"machine: {machine()}")
     print(
@@ -160,13 +169,17 @@ async def measure(embed_url: str | None) -> None:
         f"{len(answerable)} answerable questions, {len(follow_ups)} follow-ups, "
         f"{len(out_of_scope)} out of scope; threshold {threshold} (cosine)"
     )
-    print(f"{'ranking':44} | hit@1 | hit@5 | answered | refused | follow-ups hit@5 (alone)")
-    for name, scored, scores, follow, lone, _ in rows:
+    print(
+        f"{'ranking':44} | hit@1 | hit@5 | answered | refused | after another topic "
+        "hit@1 | follow-ups hit@5 (alone)"
+    )
+    for name, scored, scores, moved_on, follow, lone, _ in rows:
         answered = f"{scores.answered:8.0%}" if scored else "       -"
         refused = f"{scores.refused:7.0%}" if scored else "      -"
         print(
             f"{name:44} | {scores.hit_at_1:5.0%} | {scores.hit_at_5:5.0%} | {answered} | "
-            f"{refused} | {follow.hit_at_5:.0%} ({lone.hit_at_5:.0%})"
+            f"{refused} | {moved_on.hit_at_1:19.0%} | {follow.hit_at_5:.0%} ({lone.hit_at_5:.0%}),"
+            f" {follow.answered:.0%} answered"
         )
     print("threshold sweep (answered / refused):")
     for name, scored, *_, sweep in rows:

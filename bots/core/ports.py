@@ -152,8 +152,15 @@ class Embedder(Protocol):
 class KnowledgeIndex(Protocol):
     """Knowledge bases' passages, searched by their vectors."""
 
-    async def search(self, name: str, vectors: Sequence[Sequence[float]], count: int) -> list[Hit]:
-        """The `count` passages closest to any of `vectors`, best first, scored by cosine.
+    async def search(
+        self,
+        name: str,
+        vectors: Sequence[Sequence[float]],
+        count: int,
+        discounts: Sequence[float] = (),
+    ) -> list[Hit]:
+        """The `count` passages closest to any of `vectors`, best first, scored by cosine
+        less the discount given for that vector (a passage's best score counts).
 
         Raises KnowledgeMissing for an unknown knowledge base.
         """

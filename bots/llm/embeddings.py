@@ -15,7 +15,7 @@ from bots.core.ports import KnowledgeUnavailable
 # Texts per request: large enough to batch, small enough to keep one request short.
 BATCH = 64
 # /tokenize requests in flight at once while counting a document's pieces.
-COUNTS_AT_ONCE = 8
+COUNTS_AT_ONCE = 32
 
 
 class OpenAIEmbedder:

@@ -38,11 +38,11 @@ STAGE_BATCH = 256  # VADDs per pipeline
 SEARCH = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return redis.error_reply('MISSING') end
 local best = {}
-for i = 2, #ARGV do
-  local found = redis.call('VSIM', KEYS[1], 'FP32', ARGV[i], 'WITHSCORES',
+for i = 2, #ARGV, 2 do
+  local found = redis.call('VSIM', KEYS[1], 'FP32', ARGV[i + 1], 'WITHSCORES',
                            'COUNT', ARGV[1], 'FILTER', '.l == 1')
   for j = 1, #found, 2 do
-    local score = tonumber(found[j + 1])
+    local score = tonumber(found[j + 1]) - tonumber(ARGV[i])
     if best[found[j]] == nil or best[found[j]] < score then best[found[j]] = score end
   end
 end
@@ -159,9 +159,18 @@ class RedisKnowledge:
 
     # ------------------------------------------------------------------ reading
 
-    async def search(self, name: str, vectors: Sequence[Sequence[float]], count: int) -> list[Hit]:
+    async def search(
+        self,
+        name: str,
+        vectors: Sequence[Sequence[float]],
+        count: int,
+        discounts: Sequence[float] = (),
+    ) -> list[Hit]:
         keys = [self.key(name, "vs"), self.key(name, "p"), self.key(name, "meta")]
-        args: list[Any] = [count, *(fp32(vector) for vector in vectors)]
+        args: list[Any] = [count]
+        for n, vector in enumerate(vectors):
+            # Scores are (1 + cosine) / 2 there: half the cosine discount.
+            args += [(discounts[n] if n < len(discounts) else 0.0) / 2, fp32(vector)]
         with store_errors():
             try:
                 found = await self._search(keys=keys, args=args)
