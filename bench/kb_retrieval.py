@@ -23,22 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import bm25s
 
-from bench.common import embedder_at, embedding_server, machine
+from bench.common import help_centre, machine
 from bots.core.knowledge import RetrievalPolicy, Retriever, words
 from bots.core.models import Hit, Passage
 from bots.knowledge.documents import Draft, find_documents, read_document
-from bots.knowledge.ingest import Ingest, IngestOptions, link_of
+from bots.knowledge.ingest import link_of
 from bots.llm.embeddings import OpenAIEmbedder
-from bots.runtime import connect_redis
-from bots.store.embedded import EmbeddedRedis
 from bots.store.knowledge import DocumentRecord, RedisKnowledge
-from tests.conftest import free_port
 from tests.knowledge_set import DOCS, Question, Ranker, evaluate, questions
 
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
@@ -123,49 +118,39 @@ def alone(rank: Ranker) -> Ranker:
 async def measure(embed_url: str | None) -> None:
     answerable, follow_ups, out_of_scope = questions()
     threshold = RetrievalPolicy().threshold
-    with tempfile.TemporaryDirectory() as folder:
-        async with (
-            EmbeddedRedis(Path(folder), port=free_port()) as redis_url,
-            embedding_server(embed_url) as url,
-            embedder_at(url) as embedder,
-        ):
-            redis = connect_redis(redis_url)
-            index = RedisKnowledge(redis, prefix="bench")
-            adding = Ingest(index, embedder, "help", IngestOptions())
-            await adding.prepare(embedder.model)
-            outcomes = await adding.add([DOCS])
-            await whole_sections(index, embedder)
-            ids = [pid for record in await index.documents("help") for pid in record.ids]
-            passages = list((await index.passages("help", ids)).values())
-            policy = RetrievalPolicy()
-            plain = RetrievalPolicy(policy.top_k, policy.threshold, rescore=False)
-            arms: dict[str, tuple[Ranker, bool]] = {
-                "Parley: passages, re-scored by shared words": (
-                    cached(dense(Retriever(embedder, index, policy), "help")),
-                    True,
-                ),
-                "passages, dense only": (
-                    cached(dense(Retriever(embedder, index, plain), "help")),
-                    True,
-                ),
-                "whole sections, dense": (
-                    cached(dense(Retriever(embedder, index, plain), "sections")),
-                    True,
-                ),
-                "BM25 over passages (bm25s)": (cached(bm25(passages)), False),
-            }
-            rows = []
-            for name, (rank, scored) in arms.items():
-                scores = await evaluate(rank, answerable, out_of_scope, threshold)
-                moved_on = await evaluate(rank, after_another(answerable), [], threshold)
-                follow = await evaluate(rank, follow_ups, [], threshold)
-                lone = await evaluate(alone(rank), follow_ups, [], threshold)
-                sweep = [await evaluate(rank, answerable, out_of_scope, t) for t in THRESHOLDS]
-                rows.append((name, scored, scores, moved_on, follow, lone, sweep))
-            await redis.aclose()
+    async with help_centre(embed_url) as centre:
+        index, embedder, outcomes = centre.index, centre.embedder, centre.outcomes
+        await whole_sections(index, embedder)
+        ids = [pid for record in await index.documents("help") for pid in record.ids]
+        passages = list((await index.passages("help", ids)).values())
+        policy = RetrievalPolicy()
+        plain = RetrievalPolicy(policy.top_k, policy.threshold, rescore=False)
+        arms: dict[str, tuple[Ranker, bool]] = {
+            "Parley: passages, re-scored by shared words": (
+                cached(dense(Retriever(embedder, index, policy), "help")),
+                True,
+            ),
+            "passages, dense only": (
+                cached(dense(Retriever(embedder, index, plain), "help")),
+                True,
+            ),
+            "whole sections, dense": (
+                cached(dense(Retriever(embedder, index, plain), "sections")),
+                True,
+            ),
+            "BM25 over passages (bm25s)": (cached(bm25(passages)), False),
+        }
+        rows = []
+        for name, (rank, scored) in arms.items():
+            scores = await evaluate(rank, answerable, out_of_scope, threshold)
+            moved_on = await evaluate(rank, after_another(answerable), [], threshold)
+            follow = await evaluate(rank, follow_ups, [], threshold)
+            lone = await evaluate(alone(rank), follow_ups, [], threshold)
+            sweep = [await evaluate(rank, answerable, out_of_scope, t) for t in THRESHOLDS]
+            rows.append((name, scored, scores, moved_on, follow, lone, sweep))
     print(f"machine: {machine()}")
     print(
-        f"{sum(o.passages for o in outcomes)} passages from {len(outcomes)} documents; "
+        f"{centre.passages} passages from {len(outcomes)} documents; "
         f"{len(answerable)} answerable questions, {len(follow_ups)} follow-ups, "
         f"{len(out_of_scope)} out of scope; threshold {threshold} (cosine)"
     )

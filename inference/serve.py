@@ -92,15 +92,11 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
     The API key travels in the environment (VLLM_API_KEY), never on the command line,
     where any user of the machine could read it.
     """
-    eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
-    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model,
-        "--served-model-name", settings.served_model_name,
-        "--host", settings.host,
-        "--port", str(settings.port),
-        "--dtype", dtype,
+    launch = _server(
+        settings, device, model, settings.served_model_name, settings.port,
+        settings.kv_cache_gib, settings.gpu_memory_utilization,
+    )  # fmt: skip
+    launch.argv.extend([
         "--max-model-len", str(settings.max_model_len),
         "--max-num-seqs", str(settings.max_num_seqs),
         "--generation-config", "vllm",
@@ -108,27 +104,16 @@ def engine_launch(settings: InferenceSettings, model: str, device: Device) -> En
         "--enable-prefix-caching",
         # Lists the tokenizer's special tokens, which Parley keeps out of user text.
         "--enable-tokenizer-info-endpoint",
-    ]  # fmt: skip
-    if eager:
-        argv.append("--enforce-eager")
+    ])  # fmt: skip
     # The prefix cache reuses whole blocks: smaller blocks cache more of each conversation.
     # vLLM's CPU default is 128 tokens; its CPU attention takes multiples of 32.
     block_size = settings.block_size or (CPU_BLOCK_SIZE if device == "cpu" else None)
     if block_size:
-        argv += ["--block-size", str(block_size)]
-    env = {"HF_HUB_OFFLINE": "1"}
-    if device == "cpu":
-        # Both cores for the engine; the KV cache is sized in GiB of RAM.
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    else:
-        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
-    if settings.api_key is not None:
-        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+        launch.argv.extend(["--block-size", str(block_size)])
     if settings.lora_dir is not None:
-        argv += lora_args(discover_adapters(settings.lora_dir), settings.max_loras)
-    argv += shlex.split(settings.extra_args)
-    return EngineLaunch(argv, env)
+        launch.argv.extend(lora_args(discover_adapters(settings.lora_dir), settings.max_loras))
+    launch.argv.extend(shlex.split(settings.extra_args))
+    return launch
 
 
 def embedding_launch(settings: InferenceSettings, model: str, device: Device) -> EngineLaunch:
@@ -137,28 +122,46 @@ def embedding_launch(settings: InferenceSettings, model: str, device: Device) ->
     vLLM serves one model per process, so the knowledge base's embeddings get their own,
     on their own port, beside the chat model's.
     """
+    launch = _server(
+        settings, device, model, settings.embed_served_model_name, settings.embed_port,
+        settings.embed_kv_cache_gib, settings.embed_gpu_memory_utilization,
+    )  # fmt: skip
+    launch.argv.extend(["--runner", "pooling", *shlex.split(settings.embed_extra_args)])
+    return launch
+
+
+def _server(
+    settings: InferenceSettings,
+    device: Device,
+    model: str,
+    name: str,
+    port: int,
+    kv_cache_gib: float,
+    gpu_share: float,
+) -> EngineLaunch:
+    """What every vLLM server Parley starts shares: the model, the address, the fast
+    flags for the device, its memory, and the API key in the environment."""
     eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
     dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
-        "--served-model-name", settings.embed_served_model_name,
-        "--runner", "pooling",
+        "--served-model-name", name,
         "--host", settings.host,
-        "--port", str(settings.embed_port),
+        "--port", str(port),
         "--dtype", dtype,
     ]  # fmt: skip
     if eager:
         argv.append("--enforce-eager")
     env = {"HF_HUB_OFFLINE": "1"}
     if device == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.embed_kv_cache_gib:g}"
+        # Both cores for the engine; the KV cache is sized in GiB of RAM.
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     else:
-        argv += ["--gpu-memory-utilization", str(settings.embed_gpu_memory_utilization)]
+        argv += ["--gpu-memory-utilization", str(gpu_share)]
     if settings.api_key is not None:
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
-    argv += shlex.split(settings.embed_extra_args)
     return EngineLaunch(argv, env)
 
 

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from bots.settings import BotSettings, SettingsError, env_names, load_settings
-from inference.serve import discover_adapters, engine_launch
+from inference.serve import discover_adapters, embedding_launch, engine_launch
 from inference.settings import InferenceSettings
 from tests.conftest import ROOT
 
@@ -129,3 +130,17 @@ def test_adapters_are_served_under_names_that_change_with_their_weights(tmp_path
     adapter("support", b"retrained weights", 8)
     second = [a.name for a in discover_adapters(tmp_path)]
     assert second[0] == first[0] and second[1] != first[1], "new weights, new name"
+
+
+def test_the_embedding_model_gets_its_own_pooling_server() -> None:
+    settings = InferenceSettings(_env_file=None, api_key=SecretStr("k"), embed_port=8111)  # type: ignore[call-arg]
+    cpu = embedding_launch(settings, "/models/minilm", "cpu")
+    argv = cpu.argv
+    assert argv[argv.index("--runner") + 1] == "pooling"
+    assert argv[argv.index("--port") + 1] == "8111"
+    assert argv[argv.index("--served-model-name") + 1] == "parley-embed"
+    assert argv[argv.index("--dtype") + 1] == "float32" and "--enforce-eager" in argv
+    assert "--enable-prefix-caching" not in argv and "k" not in argv
+    assert cpu.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and cpu.env["VLLM_API_KEY"] == "k"
+    gpu = embedding_launch(settings, "BAAI/bge-m3", "gpu").argv
+    assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.05"

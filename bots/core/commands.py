@@ -277,18 +277,23 @@ async def _kb_server(call: Call) -> str:
 
 
 async def _kb_choose(call: Call, where: ConversationKey, said: str) -> str:
-    """Attach a knowledge base (or `off`, or `default`) to a channel or a server."""
+    """Attach the knowledge base the arguments name (or `off`, or `default`) to a place."""
     name = call.text.strip().lower()
     if call.knowledge is None:
         return _NO_KNOWLEDGE
     if not name:
         return f"Say which one: /kb {call.word} <name>, off or default."
+    return await _kb_set(call, where, said, name)
+
+
+async def _kb_set(call: Call, where: ConversationKey, said: str, name: str) -> str:
     if name == "default":
         await call.store.set_option(where, "kb", None)
         return await _kb_show(call)
     if name == KNOWLEDGE_OFF:
         await call.store.set_option(where, "kb", KNOWLEDGE_OFF)
         return f"I answer {said} without a knowledge base from the next message."
+    assert call.knowledge is not None  # a name comes only through _kb_choose, which checked
     if not await call.knowledge.exists(name):
         known = _knowledge_bases(await call.knowledge.names())
         return f"There is no knowledge base {name}. {known}"
@@ -297,13 +302,11 @@ async def _kb_choose(call: Call, where: ConversationKey, said: str) -> str:
 
 
 async def _kb_off(call: Call) -> str:
-    await call.store.set_option(call.key.channel_key, "kb", KNOWLEDGE_OFF)
-    return "I answer here without a knowledge base from the next message."
+    return await _kb_set(call, call.key.channel_key, "here", KNOWLEDGE_OFF)
 
 
 async def _kb_default(call: Call) -> str:
-    await call.store.set_option(call.key.channel_key, "kb", None)
-    return await _kb_show(call)
+    return await _kb_set(call, call.key.channel_key, "here", "default")
 
 
 def _knowledge_bases(names: list[str]) -> str:
