@@ -26,6 +26,7 @@ from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
 from bots import export, kb, keys
+from bots.core.handoff import HandoffPolicy, Handoffs
 from bots.core.knowledge import Retriever
 from bots.core.models import Author, ConversationKey
 from bots.core.service import ChatPolicy, ConversationService
@@ -145,6 +146,7 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
             policy=chat_policy(settings),
             observer=metrics,
             knowledge=retriever,
+            handoffs=Handoffs(store, store, handoff_policy(settings), metrics),
         )
         yield Backend(service, redis, limiter, base_url, metrics, embed_url)
 
@@ -164,6 +166,16 @@ def chat_policy(settings: BotSettings) -> ChatPolicy:
         knowledge_default=settings.kb.default,
         free_answers=settings.kb.free_answers,
         no_answer=settings.kb.no_answer,
+    )
+
+
+def handoff_policy(settings: BotSettings) -> HandoffPolicy:
+    handoff = settings.handoff
+    return HandoffPolicy(
+        phrases=handoff.phrases,
+        idle_seconds=handoff.idle_seconds,
+        after_failures=handoff.after_failures,
+        on_no_answer=handoff.on_no_answer,
     )
 
 

@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, SecretStr
 
-from bots.core.models import NoticeKind
+from bots.core.models import HandoffReason, NoticeKind
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ class Metrics:
         )
         self._platform_limited = counter(
             "parley_platform_rate_limited", "429s from the platform's API while delivering."
+        )
+        self._handed_off = counter(
+            "parley_handoffs", "Conversations handed to people, by why.", "reason"
+        )
+        self._handed_back = counter(
+            "parley_handbacks", "Handed-off conversations back with the bot, by whom.", "by"
         )
         self._in_flight = Gauge(
             "parley_replies_in_flight",
@@ -114,6 +120,12 @@ class Metrics:
 
     def platform_limited(self, platform: str) -> None:
         self._platform_limited.labels(platform).inc()
+
+    def handed_off(self, platform: str, reason: HandoffReason) -> None:
+        self._handed_off.labels(platform, reason.value).inc()
+
+    def handed_back(self, platform: str, by: str) -> None:
+        self._handed_back.labels(platform, by).inc()
 
 
 # ----------------------------------------------------------------------------- endpoints

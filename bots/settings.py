@@ -15,6 +15,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bots.core.handoff import DEFAULT_PHRASES
+
 
 def parse_words(value: object) -> object:
     """Read "a, b c" (as an environment variable gives it) into a tuple of words."""
@@ -246,6 +248,29 @@ class KnowledgeSettings(BaseModel):
     )
 
 
+class HandoffSettings(BaseModel):
+    """Handing conversations to people, where a staff place or help desk is set up."""
+
+    phrases: tuple[str, ...] = Field(
+        default=DEFAULT_PHRASES,
+        description="A message holding one of these (any case) asks for a person; "
+        'a JSON list, e.g. ["talk to a human", "agent please"]; [] turns phrases off.',
+    )
+    idle_seconds: float = Field(
+        default=3600.0, ge=0, description="A handed-off conversation silent this long comes "
+        "back to the bot; 0: only staff (or /bot) hand it back.",
+    )  # fmt: skip
+    after_failures: int = Field(
+        default=3, ge=0, description="Messages in a row left unanswered (the model failed, or "
+        "the knowledge base had nothing) that hand the conversation off; 0: never.",
+    )  # fmt: skip
+    on_no_answer: Literal["offer", "hand_off", "never"] = Field(
+        default="offer",
+        description="When the knowledge base has nothing: offer a person (/human), hand off "
+        "at once, or neither.",
+    )
+
+
 class OpsSettings(BaseModel):
     """Each bot process's endpoints for its operators: /healthz, /readyz, /metrics."""
 
@@ -279,6 +304,7 @@ class BotSettings(BaseSettings):
     http: HttpSettings = HttpSettings()
     ops: OpsSettings = OpsSettings()
     kb: KnowledgeSettings = KnowledgeSettings()
+    handoff: HandoffSettings = HandoffSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
 

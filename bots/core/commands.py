@@ -12,8 +12,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bots.core.models import KNOWLEDGE_OFF, ConversationKey, ConversationState, Incoming
-from bots.core.notices import wait_text
+from bots.core.handoff import ALREADY, NO_DESK, NOT_HANDED_OFF, Handoffs
+from bots.core.models import (
+    KNOWLEDGE_OFF,
+    ConversationKey,
+    ConversationState,
+    HandoffReason,
+    Incoming,
+    NoticeKind,
+)
+from bots.core.notices import notice, wait_text
 from bots.core.ports import ChatModel, ContextStore, KnowledgeIndex, Limiter
 
 if TYPE_CHECKING:
@@ -74,6 +82,7 @@ class Call:
     limiter: Limiter | None
     policy: ChatPolicy
     knowledge: KnowledgeIndex | None = None  # None: knowledge bases are not set up
+    handoffs: Handoffs | None = None  # None: no people answer on this server
 
 
 Handler = Callable[[Call], Awaitable[str]]
@@ -317,6 +326,22 @@ def _served(adapters: list[str]) -> str:
     return f"Served adapters: {', '.join(adapters) or 'none'}."
 
 
+async def _human(call: Call) -> str:
+    people = call.handoffs
+    if people is None or not people.offered(call.key.platform):
+        return NO_DESK
+    if await people.hand_off(call.key, HandoffReason.ASKED):
+        return notice(NoticeKind.HANDED_OFF).text
+    return ALREADY
+
+
+async def _bot(call: Call) -> str:
+    people = call.handoffs
+    if people is None or not await people.hand_back(call.key, "user"):
+        return NOT_HANDED_OFF
+    return notice(NoticeKind.HANDED_BACK).text
+
+
 def user_of(incoming: Incoming) -> str | None:
     """Name the sender for limits and budgets: ids are only unique within a platform."""
     return f"{incoming.key.platform}:{incoming.author.id}" if incoming.author else None
@@ -446,6 +471,25 @@ COMMANDS: tuple[CommandSpec, ...] = (
         ),
         subcommands=True,
         usage="Use /kb, /kb use <name>, /kb off, /kb default or /kb server <name>.",
+    ),
+    CommandSpec(
+        "human",
+        "Talk to a person",
+        "hand this conversation to a person; I stay quiet until they hand it back",
+        (Action("", _human),),
+    ),
+    CommandSpec(
+        "bot",
+        "Talk to the bot again",
+        "take this conversation back from the people answering it",
+        (
+            Action(
+                "",
+                _bot,
+                admins=Shared.CONVERSATION,
+                refusal="Only admins can take a conversation the whole group shares back.",
+            ),
+        ),
     ),
     CommandSpec("help", "How to talk to Parley", "show this help", (Action("", _help),)),
 )

@@ -252,14 +252,16 @@ def alternating(turns: Sequence[Turn], clean: Clean = plain) -> list[Entry]:
 
     Strict chat templates (Mistral, Gemma, Llama 2) refuse anything else, and the stored
     history need not alternate: a user turn whose reply failed is kept (it is joined with
-    the user turn after it), and an answer whose question was deleted stays (it is left
-    out, as is an answer before any question).
+    the user turn after it), people answering a handed-off conversation may write several
+    replies and notes in a row (joined too), and an answer whose question was deleted is
+    left out, as is an answer before any question.
     """
     entries: list[Entry] = []
     for turn in turns:
         last = entries[-1] if entries else None
-        if turn.role is Role.USER and last is not None and last.role is Role.USER:
-            entries[-1] = Entry(Role.USER, last.seq, _joined(last.message, render(turn, clean)))
+        joins = turn.role is Role.USER or turn.people is not None  # people's notes in a row
+        if last is not None and turn.role is last.role and joins:
+            entries[-1] = Entry(last.role, last.seq, _joined(last.message, render(turn, clean)))
         elif turn.role is Role.USER or (last is not None and last.role is Role.USER):
             entries.append(Entry(turn.role, turn.seq or 0, render(turn, clean)))
     return entries

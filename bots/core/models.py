@@ -65,6 +65,17 @@ class Turn:
     # model read with the turn (the text stays in the index, not in the history).
     knowledge: str | None = None
     passages: tuple[str, ...] = ()
+    # Turns of a conversation handed to people (see `bots.core.handoff`): a person's reply
+    # or private note, or a user's message that people were to answer; None: the bot's.
+    people: People | None = None
+
+
+class People(enum.StrEnum):
+    """What a turn of a handed-off conversation is."""
+
+    REPLY = "reply"  # a person's answer to the user (an assistant turn)
+    NOTE = "note"  # a private note among the staff, never shown to the user (assistant)
+    ASKED = "asked"  # a user's message while people answer (a user turn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,8 @@ class NoticeKind(enum.StrEnum):
     BUDGET_SPENT = "budget_spent"
     QUEUED = "queued"
     KNOWLEDGE_UNAVAILABLE = "knowledge_unavailable"
+    HANDED_OFF = "handed_off"
+    HANDED_BACK = "handed_back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,3 +240,20 @@ class Integration:
     messages: int | None = None  # None: the channel's default quota
     window: float | None = None
     knowledge: str | None = None  # the knowledge base its conversations answer from
+
+
+class HandoffReason(enum.StrEnum):
+    """Why a conversation went to people."""
+
+    ASKED = "asked"  # the user wrote /human or a hand-off phrase
+    NO_ANSWER = "no_answer"  # the knowledge base had nothing for the question
+    FAILURES = "failures"  # several messages in a row went unanswered
+    STAFF = "staff"  # staff took it (Chatwoot's status, the API)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A conversation handed to people: why, and since when (epoch seconds)."""
+
+    reason: HandoffReason
+    since: float = field(default_factory=time.time)

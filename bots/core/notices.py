@@ -40,6 +40,8 @@ _NOTICES = {
     NoticeKind.KNOWLEDGE_UNAVAILABLE: (
         "I can't search my documentation right now. Your message is kept; try again in a moment."
     ),
+    NoticeKind.HANDED_OFF: "A person will answer here; I'll stay quiet.",
+    NoticeKind.HANDED_BACK: "You're talking with the bot again.",
 }
 KNOWLEDGE_GONE = (
     "The knowledge base chosen here does not exist any more; an admin can pick another "

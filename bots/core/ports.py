@@ -11,6 +11,8 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    Handoff,
+    HandoffReason,
     Hit,
     Integration,
     NoticeKind,
@@ -107,6 +109,45 @@ class ContextStore(Protocol):
     async def remove(self, key: ConversationKey, message_id: str) -> bool:
         """Delete the turn that came from a platform message, and the answer to it (the
         assistant turns right after a user's); False if none."""
+        ...
+
+
+class HandoffStore(Protocol):
+    """Which conversations are handed to people, kept beside their turns for every replica."""
+
+    async def hand_off(self, key: ConversationKey, handoff: Handoff) -> bool:
+        """Hand the conversation to people; False when it already was (nothing changes)."""
+        ...
+
+    async def handoff(
+        self, key: ConversationKey, idle_seconds: float, *, touch: bool = False
+    ) -> tuple[Handoff | None, Handoff | None]:
+        """The conversation's handoff, and the one that just lapsed.
+
+        A handoff with no activity for `idle_seconds` (0: never) lapses: it is ended here,
+        in the same step, and returned second. `touch` counts this as activity.
+        """
+        ...
+
+    async def hand_back(self, key: ConversationKey) -> Handoff | None:
+        """End the conversation's handoff; the one ended, or None when there was none."""
+        ...
+
+
+class StaffDesk(Protocol):
+    """Where people answer handed-off conversations of one platform (a staff chat, a help
+    desk, a webhook): told when one opens, of each message in it, and when it ends."""
+
+    async def opened(self, key: ConversationKey, handoff: Handoff, recent: Sequence[Turn]) -> None:
+        """A conversation was handed to people; `recent` is its latest context."""
+        ...
+
+    async def relayed(self, key: ConversationKey, turn: Turn) -> None:
+        """The user wrote while people answer."""
+        ...
+
+    async def returned(self, key: ConversationKey, by: str) -> None:
+        """The bot answers again: handed back by `by` ("staff", "user", "idle"...)."""
         ...
 
 
@@ -228,6 +269,14 @@ class Observer(Protocol):
         """The platform's API answered a delivery call with a 429."""
         ...
 
+    def handed_off(self, platform: str, reason: HandoffReason) -> None:
+        """A conversation went to people."""
+        ...
+
+    def handed_back(self, platform: str, by: str) -> None:
+        """A handed-off conversation came back to the bot."""
+        ...
+
 
 class NoObserver:
     """An Observer that keeps nothing."""
@@ -248,4 +297,10 @@ class NoObserver:
         pass
 
     def platform_limited(self, platform: str) -> None:
+        pass
+
+    def handed_off(self, platform: str, reason: HandoffReason) -> None:
+        pass
+
+    def handed_back(self, platform: str, by: str) -> None:
         pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bots.core.models import PromptMessage, Role, Turn
+from bots.core.models import People, PromptMessage, Role, Turn
 
 Clean = Callable[[str], str]
 """What is done to every text the model reads (see `text.neutralize`)."""
@@ -31,7 +31,16 @@ def system_message(system: str, clean: Clean = plain) -> list[PromptMessage]:
 
 
 def render(turn: Turn, clean: Clean = plain) -> PromptMessage:
-    """Render a stored turn as the message the model reads, naming group authors."""
+    """Render a stored turn as the message the model reads, naming group authors.
+
+    A person's reply reads as the assistant's (the support side answered); a staff note
+    reads as the assistant's too, marked as never shown to the user.
+    """
     if turn.role is Role.USER and turn.name:
         return PromptMessage(turn.role, clean(f"{turn.name}: {turn.content}"))
+    if turn.people is People.NOTE:
+        by = f" from {turn.name}" if turn.name else ""
+        return PromptMessage(
+            turn.role, clean(f"[Staff note{by}, not shown to the user] {turn.content}")
+        )
     return PromptMessage(turn.role, clean(turn.content))

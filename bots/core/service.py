@@ -23,15 +23,18 @@ from bots.core.commands import (
     user_of,
 )
 from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
+from bots.core.handoff import ALREADY, OFFER, Handoffs
 from bots.core.knowledge import Retriever, ground, sources_of
 from bots.core.line import ArrivalLine, Place, Stoppable
 from bots.core.models import (
     ConversationKey,
     ConversationState,
+    HandoffReason,
     Incoming,
     Notice,
     NoticeKind,
     Passage,
+    People,
     ReplyPart,
     Role,
     Source,
@@ -115,8 +118,10 @@ class ConversationService:
         policy: ChatPolicy = ChatPolicy(),
         observer: Observer | None = None,
         knowledge: Retriever | None = None,
+        handoffs: Handoffs | None = None,
     ) -> None:
         self._store = store
+        self._handoffs = handoffs
         self._knowledge = knowledge
         self._observer: Observer = observer or NoObserver()
         self._model = model
@@ -132,6 +137,11 @@ class ConversationService:
     def observer(self) -> Observer:
         """Where this service reports what it does; platforms report their own events there."""
         return self._observer
+
+    @property
+    def handoffs(self) -> Handoffs | None:
+        """Where conversations go to people; platforms attach their staff desks there."""
+        return self._handoffs
 
     @property
     def active_conversations(self) -> int:
@@ -170,6 +180,20 @@ class ConversationService:
         self._stop_reply(key)
         async with self._line.hold(key):
             await self._store.clear(key)
+
+    async def from_people(
+        self, key: ConversationKey, text: str, *, name: str | None = None, note: bool = False
+    ) -> None:
+        """Store what a person wrote in a conversation: a reply the user was shown, or a
+        staff note (`note`) they were not. Either is context for the bot, never answered."""
+        kind = People.NOTE if note else People.REPLY
+        turn = Turn(
+            Role.ASSISTANT, sanitize(text), name=clean_name(name or "") or None, people=kind
+        )
+        async with self._line.hold(key):
+            await self._store.append(key, turn)
+            if self._handoffs is not None:
+                await self._handoffs.current(key, touch=True)
 
     def respond(self, incoming: Incoming) -> AsyncGenerator[ReplyPart, None]:
         """Stream the answer to a message or command: text, and notices from Parley.
@@ -287,6 +311,7 @@ class ConversationService:
             self._limiter,
             self._policy,
             self._knowledge.index if self._knowledge is not None else None,
+            self._handoffs,
         )
         return self._run(action, call), self._place_for(spec, key)
 
@@ -307,7 +332,20 @@ class ConversationService:
         """Answer `turn`, or with None answer the last user turn again (/retry)."""
         user = user_of(incoming)
         replacing: int | None = None
+        people = self._handoffs if self._handoffs and self._handoffs.offered(key.platform) else None
         try:
+            if people is not None and await people.current(key, touch=True) is not None:
+                if turn is None:
+                    yield ALREADY
+                    return
+                turn = dataclasses.replace(turn, people=People.ASKED)
+                await self._store.append(key, turn)  # context for the person, and later the bot
+                await people.relay(key, turn)
+                return
+            if people is not None and turn is not None and people.asks_for_people(turn.content):
+                await self._store.append(key, dataclasses.replace(turn, people=People.ASKED))
+                yield await self._hand_off(people, key, HandoffReason.ASKED)
+                return
             if self._limiter is not None:
                 admission = await self._limiter.admit(user, key)
                 if not admission.admitted:
@@ -325,8 +363,20 @@ class ConversationService:
             name = await self._knowledge_of(incoming, channel)
             turn = await self._grounded(name, turn, history)
             if turn.knowledge is not None and not turn.passages and not self._policy.free_answers:
-                yield self._policy.no_answer  # nothing relevant: no answer is made up
-                await self._record_answer(key, turn, self._policy.no_answer, replacing)
+                # Nothing relevant: no answer is made up; people may have one.
+                if people is not None and people.policy.on_no_answer == "hand_off":
+                    await self._store.append(key, dataclasses.replace(turn, people=People.ASKED))
+                    yield await self._hand_off(people, key, HandoffReason.NO_ANSWER)
+                    return
+                yield self._policy.no_answer
+                if people is not None and people.policy.on_no_answer == "offer":
+                    yield f"\n{OFFER}"  # said, not stored: the stored answer stays the same
+                answer = Turn(Role.ASSISTANT, self._policy.no_answer)
+                await self._record_answer(key, turn, answer.content, replacing)
+                if people is not None and people.failed_in_a_row(
+                    [*history, turn, answer], self._policy.no_answer
+                ):
+                    yield await self._hand_off(people, key, HandoffReason.FAILURES)
                 return
             passages = await self._passages_of([*history, turn])
             adapter = channel.adapter
@@ -359,6 +409,8 @@ class ConversationService:
             if turn is not None and replacing is None:
                 await self._keep_user_turn(key, turn)
             yield model_notice(error)
+            if (handed := await self._hand_off_after_failures(key)) is not None:
+                yield handed
             return
         except KnowledgeUnavailable as error:
             log.warning("knowledge base unavailable: %s", error, extra={"conversation": str(key)})
@@ -373,6 +425,28 @@ class ConversationService:
         parts = self._stream_and_record(key, turn, fitted, fit, replacing, user, adapter, sources)
         async for part in parts:
             yield part
+
+    async def _hand_off(
+        self, people: Handoffs, key: ConversationKey, reason: HandoffReason
+    ) -> str | Notice:
+        """Hand the conversation to people: the user is told once, when it happens."""
+        if await people.hand_off(key, reason):
+            return notice(NoticeKind.HANDED_OFF)
+        return ALREADY
+
+    async def _hand_off_after_failures(self, key: ConversationKey) -> Notice | None:
+        """After a failed reply: people take over when too many failed in a row."""
+        people = self._handoffs
+        if people is None or not people.offered(key.platform):
+            return None
+        try:
+            if not people.failed_in_a_row(await self._store.load(key), self._policy.no_answer):
+                return None
+            if await people.hand_off(key, HandoffReason.FAILURES):
+                return notice(NoticeKind.HANDED_OFF)
+        except StoreUnavailable:
+            log.warning("no handoff: store unavailable", extra={"conversation": str(key)})
+        return None
 
     async def _knowledge_of(self, incoming: Incoming, channel: ConversationState) -> str | None:
         """The knowledge base answering here (see `knowledge_here`)."""
@@ -453,6 +527,8 @@ class ConversationService:
                 if replacing is None:
                     await self._keep_user_turn(key, user_turn)
                 yield model_notice(error)
+                if (handed := await self._hand_off_after_failures(key)) is not None:
+                    yield handed
                 return
             finally:
                 self._observer.model_calls(key.platform, -1)

@@ -14,6 +14,9 @@ from bots.core.models import (
     ChannelOption,
     ConversationKey,
     ConversationState,
+    Handoff,
+    HandoffReason,
+    People,
     Role,
     Turn,
     Usage,
@@ -91,6 +94,43 @@ return 0
 """
 
 
+# A conversation's handoff: the hash KEYS[1] (reason, since, last activity), the clock
+# Redis's own, so replicas with drifting clocks agree on when one lapsed.
+HAND_OFF = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'since', ARGV[2], 'last', t[1] + t[2] / 1e6)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# Read a handoff (ARGV[1]: idle seconds after which it lapses, 0 never; ARGV[2] = '1': this
+# is activity). A lapsed one is deleted in the same step, so one replica alone sees it end.
+HANDOFF = """
+local h = redis.call('HMGET', KEYS[1], 'reason', 'since', 'last')
+if not h[1] then return false end
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1e6
+local idle = tonumber(ARGV[1])
+if idle > 0 and now - tonumber(h[3]) > idle then
+  redis.call('DEL', KEYS[1])
+  return {'lapsed', h[1], h[2]}
+end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'last', now)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return {'on', h[1], h[2]}
+"""
+
+HAND_BACK = """
+local h = redis.call('HMGET', KEYS[1], 'reason', 'since')
+if not h[1] then return false end
+redis.call('DEL', KEYS[1])
+return h
+"""
+
+
 def conversation_slot(key: ConversationKey) -> str:
     """Encode a conversation key injectively: distinct keys never share a Redis key.
 
@@ -124,6 +164,8 @@ def encode_turn(turn: Turn) -> str:
         record["id"] = turn.message_id
     if turn.knowledge is not None:
         record["kb"] = [turn.knowledge, list(turn.passages)]
+    if turn.people is not None:
+        record["people"] = turn.people.value
     return json.dumps(record, ensure_ascii=False)
 
 
@@ -141,15 +183,16 @@ def decode_turn(raw: bytes | str) -> Turn:
         seq=record.get("seq"),
         knowledge=knowledge,
         passages=tuple(passages),
+        people=People(record["people"]) if record.get("people") else None,
     )
 
 
 class RedisContextStore:
     """Keep each conversation as one Redis list, trimmed and expired with every append.
 
-    Beside the list, a conversation has its turn counter and its context window's start
-    (expiring with it), and a channel has its options (persona, adapter, collect, kb; kept
-    until cleared: they are its admins' settings).
+    Beside the list, a conversation has its turn counter, its context window's start and,
+    while people answer it, its handoff (expiring with it); a channel has its options
+    (persona, adapter, collect, kb; kept until cleared: they are its admins' settings).
 
     Args:
         client: a redis-py asyncio client.
@@ -165,6 +208,9 @@ class RedisContextStore:
         self._ttl_seconds = ttl_seconds
         self._change_turn = client.register_script(CHANGE_TURN)
         self._record = client.register_script(RECORD)
+        self._hand_off = client.register_script(HAND_OFF)
+        self._handoff = client.register_script(HANDOFF)
+        self._hand_back = client.register_script(HAND_BACK)
 
     def redis_key(self, key: ConversationKey, kind: str = "ctx") -> str:
         """Name one of a conversation's keys; all of them share one cluster slot."""
@@ -250,6 +296,33 @@ class RedisContextStore:
     async def clear(self, key: ConversationKey) -> None:
         with store_errors():
             await self._client.delete(self.redis_key(key), self.redis_key(key, "win"))
+
+    async def hand_off(self, key: ConversationKey, handoff: Handoff) -> bool:
+        args = [handoff.reason.value, handoff.since, self._ttl_seconds]
+        with store_errors():
+            return bool(await self._hand_off(keys=[self.redis_key(key, "handoff")], args=args))
+
+    async def handoff(
+        self, key: ConversationKey, idle_seconds: float, *, touch: bool = False
+    ) -> tuple[Handoff | None, Handoff | None]:
+        args = [idle_seconds, "1" if touch else "0", self._ttl_seconds]
+        with store_errors():
+            found = await self._handoff(keys=[self.redis_key(key, "handoff")], args=args)
+        if not found:
+            return None, None
+        state, *fields = found
+        handoff = _handoff(fields)
+        return (None, handoff) if _text(state) == "lapsed" else (handoff, None)
+
+    async def hand_back(self, key: ConversationKey) -> Handoff | None:
+        with store_errors():
+            found = await self._hand_back(keys=[self.redis_key(key, "handoff")])
+        return _handoff(found) if found else None
+
+
+def _handoff(fields: list[bytes]) -> Handoff:
+    reason, since = (field.decode() for field in fields)
+    return Handoff(HandoffReason(reason), float(since))
 
 
 def _text(value: bytes | str | None) -> str | None:
