@@ -38,6 +38,7 @@ class Selection:
     conversation: str | None = None
     window: Window = field(default_factory=Window)
     redact: bool = False
+    people: bool = True  # the turns of handoffs: people's replies and the messages to them
 
 
 async def export(
@@ -66,6 +67,7 @@ async def export(
             system=system_of(channel.persona, system_prompt),
             window=selection.window,
             redact=selection.redact,
+            people=selection.people,
         )
         if messages is not None:
             out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
@@ -98,9 +100,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--since", type=day, help="only turns from this day on (YYYY-MM-DD, UTC)")
     parser.add_argument("--until", type=day, help="only turns before this day (YYYY-MM-DD, UTC)")
     parser.add_argument("--redact", action="store_true", help="replace members' names and mentions")
+    parser.add_argument(
+        "--without-people",
+        action="store_true",
+        help="leave out handoffs: people's replies and notes, and the user's messages to them",
+    )
     args = parser.parse_args(argv)
     selection = Selection(
-        args.platform, args.conversation, Window(args.since, args.until), args.redact
+        args.platform,
+        args.conversation,
+        Window(args.since, args.until),
+        args.redact,
+        people=not args.without_people,
     )
     try:
         settings = load_settings(BotSettings)

@@ -19,6 +19,7 @@ from bots.core.models import (
     Chunk,
     ConversationKey,
     ConversationState,
+    Handoff,
     Incoming,
     Notice,
     NoticeKind,
@@ -254,3 +255,28 @@ class WordEmbedder:
             vector[digest[0] % self.dimension] += 1.0 if digest[1] % 2 else -1.0
         norm = math.sqrt(sum(x * x for x in vector)) or 1.0
         return [x / norm for x in vector] if any(vector) else [1.0] + [0.0] * (self.dimension - 1)
+
+
+@dataclass
+class MemoryDesk:
+    """StaffDesk keeping what it was told: ("opened", key, reason, recent contents), ("relayed",
+    key, text), ("returned", key, by). `down = True` makes every call fail."""
+
+    events: list[tuple[object, ...]] = field(default_factory=list)
+    down: bool = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("the staff desk is down")
+
+    async def opened(self, key: ConversationKey, handoff: Handoff, recent: Sequence[Turn]) -> None:
+        self._check()
+        self.events.append(("opened", key, handoff.reason, [t.content for t in recent]))
+
+    async def relayed(self, key: ConversationKey, turn: Turn) -> None:
+        self._check()
+        self.events.append(("relayed", key, turn.content))
+
+    async def returned(self, key: ConversationKey, by: str) -> None:
+        self._check()
+        self.events.append(("returned", key, by))

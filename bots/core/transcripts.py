@@ -37,15 +37,22 @@ class Window:
 
 
 def transcript(
-    turns: Sequence[Turn], *, system: str = "", window: Window = Window(), redact: bool = False
+    turns: Sequence[Turn],
+    *,
+    system: str = "",
+    window: Window = Window(),
+    redact: bool = False,
+    people: bool = True,
 ) -> list[dict[str, str]] | None:
     """Render a conversation as chat messages; None when it holds no answered message.
 
     The messages start with a user turn and end with an answer. Group members are named
     as the model saw them ("Ada: hi"); with `redact`, names become "User 1", "User 2"...
-    in order of appearance, everywhere in the text, and mentions become "@user".
+    in order of appearance, everywhere in the text, and mentions become "@user". Without
+    `people`, the turns of a handoff (people's replies and notes, and the user's messages
+    to them) are left out.
     """
-    kept = [t for t in turns if window.holds(t)]
+    kept = [t for t in turns if window.holds(t) and (people or t.people is None)]
     while kept and kept[0].role is not Role.USER:
         kept.pop(0)
     while kept and kept[-1].role is not Role.ASSISTANT:
