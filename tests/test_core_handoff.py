@@ -71,7 +71,9 @@ async def test_a_phrase_hands_off_the_user_is_told_once_and_every_message_is_kep
     assert text_of(parts) == ""
     [opened] = desk.events
     assert opened[:3] == ("opened", KEY, HandoffReason.ASKED)
-    assert opened[3][-1] == "Can I TALK to a   human please?"  # the context staff see
+    recent = opened[3]
+    assert isinstance(recent, list)
+    assert recent[-1] == "Can I TALK to a   human please?"  # the context staff see
     for text in ("are you there?", "I also want to talk to a human"):
         assert await collect(service, said(text)) == []  # silent, not told again
     assert len(model.prompts) == 1  # only "hello" reached the model
