@@ -223,8 +223,8 @@ class Outbox:
         while True:
             try:
                 if await self._redis.exists(self._done_key(delivery.id)):
-                    self._count("duplicate")  # sent by a process that lost it on the way
-                    await self._finish(entry, delivery)
+                    await self._finish(entry, delivery)  # sent by a process that lost it
+                    self._count("duplicate")
                     return
             except RedisError as error:  # whether it went out cannot be told yet
                 log.warning("outbox %s: cannot check (%s); retrying", self._stream, error)
@@ -235,23 +235,23 @@ class Outbox:
                     await self._send(delivery)
             except Reject as error:
                 log.error("outbox %s: delivery %s refused: %s", self._stream, delivery.id, error)
-                self._count("given_up")
                 await self._finish(entry, delivery, sent=False)
+                self._count("given_up")
                 return
             except Exception as error:  # Retry, or anything a send can throw
                 after = error.after if isinstance(error, Retry) else None
                 delivery = replace(delivery, attempts=delivery.attempts + 1)
                 if time.time() - delivery.queued_at > policy.give_up_after:
                     log.error("outbox %s: giving up on %s: %s", self._stream, delivery.id, error)
-                    self._count("given_up")
                     await self._finish(entry, delivery, sent=False)
+                    self._count("given_up")
                     return
                 self._count("retried")
                 await asyncio.sleep(self._backoff(delivery.attempts, after))
                 await self._keep(entry)
                 continue
-            self._count("delivered")
             await self._finish(entry, delivery)
+            self._count("delivered")
             return
 
     def _backoff(self, attempts: int, asked: float | None) -> float:
