@@ -117,7 +117,7 @@ async def test_every_delivery_goes_once_in_order_per_key_through_failures(
     box, counts = outbox(redis_client, stream, receiver)
     sent = [await box.put(f"c{n % 3}", {"n": n}) for n in range(30)]
     async with running(box):
-        await receiver.until(lambda: len(receiver.got) == 30)
+        await counts.until("delivered", 30)
     assert sorted(d.id for d in receiver.got) == sorted(sent)
     by_key: dict[str, list[int]] = defaultdict(list)
     for delivery in receiver.got:
