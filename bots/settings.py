@@ -145,6 +145,14 @@ class DiscordSettings(BaseModel):
         description='This process\'s shards: "0,1", or "ordinal" for the number ending '
         "HOSTNAME (a StatefulSet pod's ordinal).",
     )
+    staff_channel: int | None = Field(
+        default=None,
+        description="Text channel where staff answer conversations handed to people, a "
+        "thread each; unset: none on Discord.",
+    )
+    staff_role: int | None = Field(
+        default=None, description="Role pinged once when a thread opens; unset: no ping."
+    )
 
 
 class TelegramSettings(BaseModel):
@@ -171,6 +179,10 @@ class TelegramSettings(BaseModel):
     answer_channel_posts: bool = Field(
         default=False, description="Answer posts in channels the bot is in; off: stay silent."
     )
+    staff_chat: int | None = Field(
+        default=None,
+        description="Group where staff answer conversations handed to people; unset: none.",
+    )
 
 
 class HttpSettings(BaseModel):
@@ -196,7 +208,9 @@ class HttpSettings(BaseModel):
         default=20.0, ge=0, description="On SIGTERM, replies in progress get this long to end."
     )
     webhook_url: str | None = Field(
-        default=None, description="Each finished reply is POSTed here, signed; unset: none."
+        default=None,
+        description="Each finished reply, and each handoff to people and back, is POSTed "
+        "here, signed; unset: none.",
     )
     webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key of the webhook's signature."

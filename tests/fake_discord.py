@@ -5,6 +5,9 @@ connects a real websocket (zlib-stream compressed, as Discord sends), identifies
 receives READY and GUILD_CREATE, and then whatever events a test dispatches. Every REST
 call is recorded; `script_429` makes chosen calls answer 429 with a `retry_after`,
 `fail_next` and `fail_share` make chosen or random ones fail with a 5xx.
+Threads started from a message (`POST /channels/{id}/messages/{id}/threads`) are kept in
+`threads`, announced with THREAD_CREATE, listed by `GET /guilds/{id}/threads/active`,
+and archived (THREAD_UPDATE) by `PATCH /channels/{id}`, as Discord does.
 Interactions behave as Discord's do: the callback (4: answered, 5: deferred) must come
 within `INTERACTION_WINDOW` seconds of the interaction, or it is an "Unknown interaction"
 (404); a deferred one is answered by a followup, `POST /webhooks/{application}/{token}`.
@@ -33,9 +36,11 @@ GUILD_ID = SNOWFLAKE + 100
 CHANNEL_ID = SNOWFLAKE + 200
 OPEN_CHANNEL_ID = SNOWFLAKE + 201
 THREAD_ID = SNOWFLAKE + 202
+STAFF_CHANNEL_ID = SNOWFLAKE + 203
 DM_CHANNEL_ID = SNOWFLAKE + 300
 ROLE_MEMBER = SNOWFLAKE + 400
 ROLE_MUTED = SNOWFLAKE + 401
+ROLE_STAFF = SNOWFLAKE + 402
 TIMESTAMP = "2026-11-22T10:00:00.000000+00:00"
 INTERACTION_WINDOW = 3.0  # seconds Discord gives an application to answer an interaction
 UNKNOWN_INTERACTION = {"message": "Unknown interaction", "code": 10062}
@@ -53,6 +58,47 @@ def user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
 
 
 BOT_USER = user(BOT_ID, "parley", bot=True)
+
+
+def text_channel(channel_id: int, name: str) -> dict[str, Any]:
+    return {
+        "id": str(channel_id),
+        "type": 0,
+        "name": name,
+        "position": 0,
+        "guild_id": str(GUILD_ID),
+        "permission_overwrites": [],
+        "nsfw": False,
+    }
+
+
+CHANNELS = {
+    CHANNEL_ID: text_channel(CHANNEL_ID, "general"),
+    OPEN_CHANNEL_ID: text_channel(OPEN_CHANNEL_ID, "ask-parley"),
+    STAFF_CHANNEL_ID: text_channel(STAFF_CHANNEL_ID, "staff"),
+}
+
+
+def thread(thread_id: int, name: str, parent_id: int, archive_minutes: int = 60) -> dict[str, Any]:
+    """A public thread (type 11) as Discord describes one."""
+    return {
+        "id": str(thread_id),
+        "type": 11,
+        "name": name,
+        "parent_id": str(parent_id),
+        "guild_id": str(GUILD_ID),
+        "owner_id": str(BOT_ID),
+        "message_count": 0,
+        "member_count": 1,
+        "rate_limit_per_user": 0,
+        "flags": 0,
+        "thread_metadata": {
+            "archived": False,
+            "auto_archive_duration": archive_minutes,
+            "archive_timestamp": TIMESTAMP,
+            "locked": False,
+        },
+    }
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -100,6 +146,9 @@ class FakeDiscord:
     intents: int = 0
     port: int = 0
     interactions: dict[str, float] = field(default_factory=dict)  # id -> when it was sent
+    threads: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {str(THREAD_ID): thread(THREAD_ID, "a thread", CHANNEL_ID)}
+    )
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(SNOWFLAKE + 10_000))
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
     _socket: web.WebSocketResponse | None = None
@@ -167,7 +216,38 @@ class FakeDiscord:
         parts = path.strip("/").split("/")
         if parts[0] == "interactions" and parts[-1] == "callback" and self._expired(parts[1]):
             return self._refuse(call, UNKNOWN_INTERACTION, status=404)
+        if (changed := await self._change_threads(request.method, parts, body)) is not None:
+            return _json(changed)
         return self._answer(call, request.method, path, body)
+
+    async def _change_threads(
+        self, method: str, parts: list[str], body: Any
+    ) -> dict[str, Any] | None:
+        """Start a thread from a message, or archive one; None for any other call."""
+        if method == "POST" and parts[0] == "channels" and parts[2:3] == ["messages"]:
+            if parts[4:] != ["threads"]:
+                return None
+            # A thread started from a message has the message's id.
+            started = thread(int(parts[3]), body["name"], int(parts[1]))
+            started["thread_metadata"]["auto_archive_duration"] = body["auto_archive_duration"]
+            self.threads[parts[3]] = started
+            await self.dispatch("THREAD_CREATE", {**started, "newly_created": True})
+            return started
+        if method == "PATCH" and parts[0] == "channels" and len(parts) == 2:
+            if parts[1] not in self.threads:
+                return None
+            changed = self.threads[parts[1]]
+            if "name" in body:
+                changed["name"] = body["name"]
+            for field_name in ("archived", "locked"):
+                if field_name in body:
+                    changed["thread_metadata"][field_name] = body[field_name]
+            await self.dispatch("THREAD_UPDATE", changed)
+            return changed
+        return None
+
+    def active_threads(self) -> list[dict[str, Any]]:
+        return [t for t in self.threads.values() if not t["thread_metadata"]["archived"]]
 
     def _refuse(
         self,
@@ -245,6 +325,12 @@ class FakeDiscord:
             created = self.message(CHANNEL_ID, body["content"], author=BOT_USER)
             call.message_id = created["id"]
             return _json({**created, "flags": body.get("flags", 0), "webhook_id": parts[1]})
+        if parts[0] == "guilds" and parts[2:] == ["threads", "active"]:
+            return _json({"threads": self.active_threads(), "members": []})
+        if parts[0] == "channels" and len(parts) == 2 and method == "GET":
+            found = self.threads.get(parts[1]) or CHANNELS.get(int(parts[1]))
+            unknown = {"message": "Unknown Channel", "code": 10003}
+            return _json(found) if found else self._refuse(call, unknown, status=404)
         if parts[0] == "users" and parts[-1] == "channels":
             return _json({"id": str(DM_CHANNEL_ID), "type": 1, "recipients": [body]})
         return web.Response(status=204)
@@ -341,17 +427,6 @@ class FakeDiscord:
         self.identified.set()
 
     def _guild(self) -> dict[str, Any]:
-        def channel(channel_id: int, name: str) -> dict[str, Any]:
-            return {
-                "id": str(channel_id),
-                "type": 0,
-                "name": name,
-                "position": 0,
-                "guild_id": str(GUILD_ID),
-                "permission_overwrites": [],
-                "nsfw": False,
-            }
-
         def role(role_id: int, name: str) -> dict[str, Any]:
             return {
                 "id": str(role_id),
@@ -364,22 +439,6 @@ class FakeDiscord:
                 "mentionable": True,
             }
 
-        thread = {
-            "id": str(THREAD_ID),
-            "type": 11,
-            "name": "a thread",
-            "parent_id": str(CHANNEL_ID),
-            "guild_id": str(GUILD_ID),
-            "owner_id": "1",
-            "message_count": 0,
-            "member_count": 1,
-            "thread_metadata": {
-                "archived": False,
-                "auto_archive_duration": 60,
-                "archive_timestamp": TIMESTAMP,
-                "locked": False,
-            },
-        }
         return {
             "id": str(GUILD_ID),
             "name": "Test guild",
@@ -389,8 +448,8 @@ class FakeDiscord:
             "members": [],
             "voice_states": [],
             "presences": [],
-            "channels": [channel(CHANNEL_ID, "general"), channel(OPEN_CHANNEL_ID, "ask-parley")],
-            "threads": [thread],
+            "channels": list(CHANNELS.values()),
+            "threads": self.active_threads(),
             "emojis": [],
             "stickers": [],
             "features": [],
@@ -398,6 +457,7 @@ class FakeDiscord:
                 role(GUILD_ID, "@everyone"),
                 role(ROLE_MEMBER, "member"),
                 role(ROLE_MUTED, "muted"),
+                role(ROLE_STAFF, "staff"),
             ],
             "large": False,
             "mfa_level": 0,

@@ -21,6 +21,7 @@ from bots.core.models import (
     Incoming,
     NoticeKind,
     People,
+    Quiet,
     Role,
 )
 from bots.core.ports import ModelUnavailable
@@ -75,7 +76,7 @@ async def test_a_phrase_hands_off_the_user_is_told_once_and_every_message_is_kep
     assert isinstance(recent, list)
     assert recent[-1] == "Can I TALK to a   human please?"  # the context staff see
     for text in ("are you there?", "I also want to talk to a human"):
-        assert await collect(service, said(text)) == []  # silent, not told again
+        assert await collect(service, said(text)) == [Quiet()]  # silent, not told again
     assert len(model.prompts) == 1  # only "hello" reached the model
     assert desk.events[1:] == [
         ("relayed", KEY, "are you there?"),
@@ -149,7 +150,7 @@ async def test_an_idle_handoff_lapses_back_to_the_bot(
     metrics = Metrics()
     service, _, desk = make(store, metrics=metrics)
     await collect(service, said("/human"))
-    assert await collect(service, said("anyone?")) == []
+    assert await collect(service, said("anyone?")) == [Quiet()]
     # An hour of silence, as Redis's clock will see it: the last activity moved back.
     await redis_client.hset(store.redis_key(KEY, "handoff"), "last", 0)
     assert text_of(await collect(service, said("hello again"))).startswith("echo")
@@ -168,7 +169,7 @@ async def test_repeated_failures_hand_off(store: RedisContextStore) -> None:
     assert desk.events[0][:3] == ("opened", KEY, HandoffReason.FAILURES)
     assert desk.events[0][3] == ["one", "two"]
     model.fail_with = None
-    assert await collect(service, said("three")) == []  # people have it now
+    assert await collect(service, said("three")) == [Quiet()]  # people have it now
 
 
 async def test_two_replicas_agree_and_only_one_opens_the_handoff(
@@ -181,7 +182,7 @@ async def test_two_replicas_agree_and_only_one_opens_the_handoff(
     opened = [await first.handoffs.hand_off(KEY, HandoffReason.STAFF) for _ in range(2)]
     opened.append(await second.handoffs.hand_off(KEY, HandoffReason.STAFF))
     assert opened == [True, False, False]
-    assert await collect(second, said("hi")) == []
+    assert await collect(second, said("hi")) == [Quiet()]
     assert first_model.prompts == second_model.prompts == []
     assert await second.handoffs.hand_back(KEY, "staff")
     assert not await first.handoffs.hand_back(KEY, "staff")  # once
@@ -191,7 +192,7 @@ async def test_two_replicas_agree_and_only_one_opens_the_handoff(
 async def test_a_failing_staff_desk_loses_nothing(store: RedisContextStore) -> None:
     service, model, _ = make(store, desk=MemoryDesk(down=True))
     assert notices(await collect(service, said("talk to a person"))) == [NoticeKind.HANDED_OFF]
-    assert await collect(service, said("still there?")) == []
+    assert await collect(service, said("still there?")) == [Quiet()]
     assert [t.content for t in await store.load(KEY)] == ["talk to a person", "still there?"]
     assert model.prompts == []
 

@@ -301,7 +301,9 @@ async def test_a_429_on_an_edit_is_waited_out_and_the_final_text_arrives(bot: Bo
 async def test_slash_commands_are_registered_on_start_up(bot: Bot) -> None:
     (put,) = bot.fake.calls_to("PUT", "/commands")
     names = sorted(command["name"] for command in put.body)
-    assert names == ["adapter", "collect", "help", "kb", "persona", "reset", "retry", "usage"]
+    assert names == [
+        "adapter", "bot", "collect", "help", "human", "kb", "persona", "reset", "retry", "usage"
+    ]  # fmt: skip
 
 
 async def test_the_bot_asks_only_for_the_intents_it_needs(bot: Bot) -> None:

@@ -181,7 +181,12 @@ class Sources:
     items: tuple[Source, ...]
 
 
-ReplyPart = str | Notice | Sources
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """The bot stays quiet on purpose: people answer this conversation (a reply's only part)."""
+
+
+ReplyPart = str | Notice | Sources | Quiet
 """What a reply stream yields: model text deltas, notices from Parley, and the sources."""
 
 

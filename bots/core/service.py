@@ -35,6 +35,7 @@ from bots.core.models import (
     NoticeKind,
     Passage,
     People,
+    Quiet,
     ReplyPart,
     Role,
     Source,
@@ -341,6 +342,7 @@ class ConversationService:
                 turn = dataclasses.replace(turn, people=People.ASKED)
                 await self._store.append(key, turn)  # context for the person, and later the bot
                 await people.relay(key, turn)
+                yield Quiet()
                 return
             if people is not None and turn is not None and people.asks_for_people(turn.content):
                 await self._store.append(key, dataclasses.replace(turn, people=People.ASKED))

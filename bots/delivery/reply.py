@@ -18,7 +18,7 @@ from typing import Any
 
 from bots.core.knowledge import plain_sources
 from bots.core.line import ArrivalLine
-from bots.core.models import Incoming, Notice, ReplyPart, Source, Sources
+from bots.core.models import Incoming, Notice, Quiet, ReplyPart, Source, Sources
 from bots.core.notices import shown_text
 from bots.core.service import ConversationService
 from bots.delivery.inflight import CLOSED_NOTICE, InFlight
@@ -55,9 +55,10 @@ async def render(
     notice: Callable[[str], str],
     shown: asyncio.Event | None = None,
     sources: ShowSources = plain_sources,
+    quiet: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     """Mark notices and sources up as the platform shows them, each on lines of their own;
-    pass text on.
+    pass text on; tell `quiet` when the bot stays quiet on purpose (people answer).
 
     A notice that tells a wait is worded once `shown` is set (when the reply's turn to
     be shown has come), so the wait it says is the one left then.
@@ -70,6 +71,10 @@ async def render(
             yield f"{separator}{notice(shown_text(part))}\n"
         elif isinstance(part, Sources):
             yield f"{separator}\n{sources(part.items)}\n"
+        elif isinstance(part, Quiet):
+            if quiet is not None:
+                quiet()
+            continue
         else:
             yield part
         separator = "\n"
@@ -162,7 +167,9 @@ class ChatReplies:
             after=self._line.join(order if order is not None else incoming.key.channel_key),
             on_rate_limited=self._rate_limited,
         )
-        deltas = render(parts, self._style.notice, delivery.turn, self._style.sources)
+        deltas = render(
+            parts, self._style.notice, delivery.turn, self._style.sources, delivery.stay_quiet
+        )
 
         async def cut_short(text: str) -> None:  # the partial text becomes the notice
             if not await delivery.replace_with(text):

@@ -144,6 +144,7 @@ class StreamingDelivery(Generic[Ref]):
         self._on_rate_limited = on_rate_limited
         self._limits = limits
         self._text = ""
+        self._quiet = False
         self._shown: list[tuple[Ref, str]] = []
         self._next_update = 0.0
         self._last_update = -float("inf")
@@ -155,6 +156,10 @@ class StreamingDelivery(Generic[Ref]):
         self._after = after
         self.turn = asyncio.Event()  # set when this reply's turn to be shown has come
         self.report = Report()
+
+    def stay_quiet(self) -> None:
+        """Post nothing for an empty reply: the bot is quiet on purpose (people answer)."""
+        self._quiet = True
 
     async def run(self, deltas: AsyncIterable[str]) -> Report:
         """Deliver the whole stream; return what was done."""
@@ -241,6 +246,8 @@ class StreamingDelivery(Generic[Ref]):
         """Bring the posted messages up to the current text; False if rate limited."""
         visible = self._text
         if final and not visible.strip():
+            if self._quiet:  # nothing to say, on purpose: nothing is posted
+                return True
             visible = EMPTY_REPLY
         pieces = [p.text for p in split_message(visible, self._limits.max_chars)]
         try:

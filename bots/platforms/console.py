@@ -80,7 +80,7 @@ class ConsoleChat:
                     self._show(part)
                 elif isinstance(part, Sources):
                     self._out.write(f"\n{plain_sources(part.items)}")
-                else:
+                elif isinstance(part, str):
                     self._out.write(part)
                     self._out.flush()
         self._out.write("\n")

@@ -29,6 +29,7 @@ from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 from bots.delivery.reply import ChatReplies, ChatStyle
 from bots.delivery.stream import Limits, PlatformFailed, RateLimited
+from bots.platforms.discord_staff import HANDED_BACK, DiscordStaffDesk
 from bots.platforms.errors import PlatformSetupError
 from bots.settings import DiscordSettings
 
@@ -172,6 +173,7 @@ class DiscordChat:
         self._policy = AccessPolicy(settings)
         self._replies = ChatReplies(service, DISCORD_STYLE, in_flight=in_flight)
         self.in_flight = self._replies.in_flight
+        self.staff: DiscordStaffDesk | None = None  # set where DISCORD_STAFF_CHANNEL is
 
     def is_addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Answer DMs, mentions, replies to the bot, and every message in open channels."""
@@ -209,7 +211,13 @@ class DiscordChat:
         return user.id in self._settings.admins or bool(permissions and permissions.manage_channels)
 
     async def on_message(self, message: discord.Message, me: discord.ClientUser) -> None:
-        if message.author.bot or not self.is_addressed(message, me):
+        if message.author.bot:
+            return
+        if self.staff is not None and self.staff.holds(message.channel):
+            with self.in_flight.track():  # a staff answer under way finishes on shutdown
+                await self.staff.on_message(message, self.text_of(message, me))
+            return
+        if not self.is_addressed(message, me):
             return
         if not self.is_admitted(message):
             log.info("denied", extra={"conversation": str(self.key_of(message))})
@@ -261,7 +269,10 @@ class DiscordChat:
         longer (a /reset ending a reply, a slow store): acknowledge now, answer after.
         """
         await interaction.response.defer(ephemeral=True, thinking=True)
-        answer = await self._replies.text(self.command_incoming(interaction, text))
+        if self.staff is not None and text == "/bot" and self.staff.holds(interaction.channel):
+            answer = await self.staff.hand_back(interaction.channel) or HANDED_BACK
+        else:
+            answer = await self._replies.text(self.command_incoming(interaction, text))
         await interaction.followup.send(
             answer[: DISCORD_LIMITS.max_chars], ephemeral=True, allowed_mentions=NO_PINGS
         )
@@ -382,6 +393,8 @@ class ParleyDiscord(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
+        if self.chat.staff is not None:  # logged in now: the staff channel can be read
+            await self.chat.staff.start()
         for command in slash_commands(self.chat):
             self.tree.add_command(command)
         await self.tree.sync()
@@ -502,6 +515,10 @@ async def run_discord(
     use_endpoints(settings)
     chat = DiscordChat(service, settings, in_flight)
     client = ParleyDiscord(chat, shard_of(settings))
+    if settings.staff_channel is not None:
+        chat.staff = DiscordStaffDesk(
+            client, service, settings.staff_channel, settings.staff_role, DISCORD_STYLE
+        )
     with counting_rate_limits(service.observer):
         async with client:  # on the way out, after the replies: close the connections
             connection = asyncio.create_task(client.start(settings.token.get_secret_value()))
