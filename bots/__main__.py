@@ -1,4 +1,4 @@
-"""Composition root: `python -m bots [run|console|discord|telegram|http|export|keys|kb]`.
+"""Composition root: `python -m bots [run|console|discord|telegram|http|chatwoot|export|keys|kb]`.
 
 `run` starts every platform bot whose token is set (and the HTTP channel when
 HTTP_ENABLED is true), or the console chat when none is.
@@ -206,10 +206,12 @@ async def until_stopped(runner: Runner, settings: BotSettings) -> None:
         log.info("stopped by SIGTERM")
 
 
-PLATFORMS = ("discord", "telegram", "http")
+PLATFORMS = ("discord", "telegram", "http", "chatwoot")
 MISSING_TOKEN = {
     "discord": "DISCORD_TOKEN is not set: create a bot in the Discord developer portal",
     "telegram": "TELEGRAM_TOKEN is not set: get one from @BotFather",
+    "chatwoot": "CHATWOOT_URL and CHATWOOT_BOT_TOKEN are not set: create an agent bot in "
+    "Chatwoot (see the README)",
 }
 
 
@@ -219,6 +221,7 @@ def configured_platforms(settings: BotSettings) -> list[str]:
         "discord": settings.discord.token is not None,
         "telegram": settings.telegram.token is not None,
         "http": settings.http.enabled,
+        "chatwoot": settings.chatwoot.url is not None and settings.chatwoot.bot_token is not None,
     }
     return [name for name in PLATFORMS if configured[name]]
 
@@ -233,6 +236,16 @@ def bot(platform: str, backend: Backend, settings: BotSettings) -> Coroutine[Any
         from bots.platforms.telegram import run_telegram
 
         return run_telegram(backend.service, settings.telegram)
+    if platform == "chatwoot":
+        from bots.platforms.chatwoot import run_chatwoot
+
+        return run_chatwoot(
+            backend.service,
+            settings.chatwoot,
+            backend.redis,
+            prefix=settings.redis.key_prefix,
+            metrics=backend.metrics,
+        )
     from bots.platforms.http import run_http
     from bots.store.keys import RedisApiKeys
 
@@ -298,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "command", nargs="?", default="run",
         choices=["run", "console", *PLATFORMS, "export", "keys", "kb"],
         help="run (default): the bots whose tokens are set, else the console; "
-        "http: the HTTP API and web chat; export: opted-in conversations as JSONL "
+        "http: the HTTP API and web chat; chatwoot: the agent bot of a Chatwoot help desk; "
+        "export: opted-in conversations as JSONL "
         "(see export --help); keys: the HTTP channel's API keys (see keys --help); "
         "kb: knowledge bases, the documents answers come from (see kb --help)",
     )  # fmt: skip
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "discord": functools.partial(run_bots, platforms=["discord"]),
         "telegram": functools.partial(run_bots, platforms=["telegram"]),
         "http": functools.partial(run_bots, platforms=["http"]),
+        "chatwoot": functools.partial(run_bots, platforms=["chatwoot"]),
     }
     is_console = args.command == "console" or (
         args.command == "run" and not configured_platforms(settings)

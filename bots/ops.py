@@ -76,6 +76,10 @@ class Metrics:
         self._handed_back = counter(
             "parley_handbacks", "Handed-off conversations back with the bot, by whom.", "by"
         )
+        self._outbox = counter(
+            "parley_outbox", "Durable deliveries: queued, delivered, retried, given up.",
+            "outbox", "event",
+        )  # fmt: skip
         self._in_flight = Gauge(
             "parley_replies_in_flight",
             "Model requests in progress.",
@@ -120,6 +124,10 @@ class Metrics:
 
     def platform_limited(self, platform: str) -> None:
         self._platform_limited.labels(platform).inc()
+
+    def outbox(self, platform: str, name: str) -> Callable[[str], None]:
+        """What counts one outbox's events ("queued", "delivered"...)."""
+        return lambda event: self._outbox.labels(platform, name, event).inc()
 
     def handed_off(self, platform: str, reason: HandoffReason) -> None:
         self._handed_off.labels(platform, reason.value).inc()

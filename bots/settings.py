@@ -262,6 +262,53 @@ class KnowledgeSettings(BaseModel):
     )
 
 
+class ChatwootSettings(BaseModel):
+    """Parley as the agent bot of a Chatwoot help desk (`python -m bots chatwoot`)."""
+
+    url: str | None = Field(
+        default=None,
+        description="Chatwoot's address, e.g. https://support.example.com; set to run.",
+    )
+    bot_token: SecretStr | None = Field(
+        default=None, description="The agent bot's access token (Settings > Bots in Chatwoot)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The agent bot's secret (Chatwoot 4.13+): webhooks must carry its signature.",
+    )
+    url_secret: SecretStr | None = Field(
+        default=None,
+        description="Older Chatwoot: a secret the bot's URL carries (…/chatwoot?secret=…).",
+    )
+    accounts: IdSet = Field(default=frozenset(), description="Chatwoot account ids served.")
+    inboxes: IdSet = Field(default=frozenset(), description="Inbox ids served; empty: all.")
+    host: str = Field(default="127.0.0.1", description="Address of the webhook; 0.0.0.0: all.")
+    port: int = Field(default=8090, ge=0, le=65535)
+    handoff_team: int | None = Field(
+        default=None, description="Team a handed-off conversation is assigned to."
+    )
+    kb: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Knowledge base Chatwoot conversations answer from; unset: KB_DEFAULT.",
+    )
+    max_chars: int = Field(
+        default=4000, ge=100, description="Longer replies are posted as several messages."
+    )
+    typing: bool = Field(default=True, description='Show "typing…" while the model works.')
+    retry_hours: float = Field(
+        default=24.0, gt=0, description="A reply Chatwoot keeps refusing is dropped after this."
+    )
+    retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    consumer: str | None = Field(
+        default=None,
+        description="This replica's name in the delivery queue, the same across its "
+        "restarts; unset: the host name.",
+    )
+
+
 class HandoffSettings(BaseModel):
     """Handing conversations to people, where a staff place or help desk is set up."""
 
@@ -319,6 +366,7 @@ class BotSettings(BaseSettings):
     ops: OpsSettings = OpsSettings()
     kb: KnowledgeSettings = KnowledgeSettings()
     handoff: HandoffSettings = HandoffSettings()
+    chatwoot: ChatwootSettings = ChatwootSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from bots.core.handoff import HandoffPolicy, Handoffs
 from bots.core.ports import ChatModel
 from bots.core.service import ChatPolicy, ConversationService
 from bots.platforms.http import run_http
@@ -43,9 +44,13 @@ async def http_channel(
     user_messages: int = 1000,
     conversation_messages: int = 0,
     policy: ChatPolicy | None = None,
+    handoff: HandoffPolicy | None = None,
     **settings: Any,
 ) -> AsyncIterator[Channel]:
-    """Serve `python -m bots http`'s app with this model; stop it (as SIGTERM would) after."""
+    """Serve `python -m bots http`'s app with this model; stop it (as SIGTERM would) after.
+
+    With a `handoff` policy, conversations can go to people, as `python -m bots http` does.
+    """
     redis = connect_redis(redis_url)
     store = RedisContextStore(redis, prefix=prefix, max_turns=200, ttl_seconds=3600)
     limiter = RedisLimiter(
@@ -57,7 +62,10 @@ async def http_channel(
         conversation_window=60,
         daily_tokens=0,
     )
-    service = ConversationService(store, model, limiter=limiter, policy=policy or ChatPolicy())
+    handoffs = None if handoff is None else Handoffs(store, store, handoff)
+    service = ConversationService(
+        store, model, limiter=limiter, policy=policy or ChatPolicy(), handoffs=handoffs
+    )
     keys = RedisApiKeys(redis, prefix=prefix)
     http = HttpSettings(**{"port": free_port(), **settings})
     task = asyncio.create_task(run_http(service, http, keys, limiter.admit_quota))

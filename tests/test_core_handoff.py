@@ -91,7 +91,7 @@ async def test_people_answer_then_hand_back_and_the_bot_reads_what_they_said(
 ) -> None:
     service, model, desk = make(store)
     await collect(service, said("my router blinks red"))
-    assert await collect(service, said("/human")) == ["A person will answer here; I'll stay quiet."]
+    assert notices(await collect(service, said("/human"))) == [NoticeKind.HANDED_OFF]
     await collect(service, said("it's the model X2"))
     await service.from_people(KEY, "Unplug it for ten seconds.", name="Grace")
     await service.from_people(KEY, "customer on the old firmware", name="Grace", note=True)

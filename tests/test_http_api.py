@@ -357,6 +357,8 @@ async def test_the_openapi_document_describes_the_api(channel: Channel) -> None:
         "/v1/conversations/{conversation_id}/messages",
         "/v1/conversations/{conversation_id}/replies/{reply_id}",
         "/v1/conversations/{conversation_id}",
+        "/v1/conversations/{conversation_id}/agent-messages",
+        "/v1/conversations/{conversation_id}/handoff",
         "/healthz",
     }
     send = paths["/v1/conversations/{conversation_id}/messages"]["post"]

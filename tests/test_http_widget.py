@@ -26,6 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
+from bots.core.handoff import HandoffPolicy
 from bots.core.models import PromptMessage
 from tests.conftest import ROOT
 from tests.cut_proxy import CutProxy
@@ -589,3 +590,79 @@ async def test_chat_page_under_its_csp(
         state = await until(browser, lambda s: not s["messages"], "the conversation to clear")
         assert state["status"] == "Started a new conversation." and state["notices"] == []
         assert await history(channel.url, key, conversation) == []
+
+
+# What the people's side of the chat shows: their replies (named) and the notices.
+PEOPLE_STATE = """
+const root = document.querySelector("parley-chat").shadowRoot;
+return {
+  agents: Array.from(root.querySelectorAll(".pw-agent"), (m) => ({
+    who: m.querySelector(".pw-who").textContent,
+    text: m.querySelector(".pw-bubble").innerText,
+    background: getComputedStyle(m.querySelector(".pw-bubble")).backgroundColor,
+  })),
+  bot: getComputedStyle(root.querySelector(".pw-assistant .pw-bubble")).backgroundColor,
+  log: root.querySelector(".pw-log").innerText,
+};
+"""
+
+
+async def test_a_person_answers_in_the_web_chat(
+    browser: webdriver.Chrome, redis_url: str, key_prefix: str
+) -> None:
+    model = Replying(text="Hello, I'm the bot.", delay=0.01)
+    async with http_channel(
+        redis_url, key_prefix, model, handoff=HandoffPolicy(idle_seconds=0)
+    ) as channel:
+        key = await channel.key()
+        await run(browser.get, f"{channel.url}/chat#key={key}")
+        await until(browser, lambda s: s["focus"] == "pw-input", "the message box")
+        await keys(browser, "Hi", Keys.ENTER)
+        await until(browser, finished, "the bot's reply")
+        await keys(browser, "I'd like to talk to a human", Keys.ENTER)
+        state = await until(browser, lambda s: "handed_off" in s["notices"], "the handoff notice")
+        conversation = await conversation_id(browser)
+        asked = len(model.prompts)
+
+        async with httpx.AsyncClient(
+            base_url=f"{channel.url}/v1/conversations/{conversation}",
+            headers={"Authorization": f"Bearer {key}"},
+        ) as staff:
+            note = {"text": "customer since 2019", "note": True}
+            assert (await staff.post("/agent-messages", json=note)).status_code == 201
+            reply = {"text": "Hi, I'm **Sam** from support.", "name": "Sam"}
+            assert (await staff.post("/agent-messages", json=reply)).status_code == 201
+
+            async def people() -> dict[str, Any]:
+                found: dict[str, Any] = await js(browser, PEOPLE_STATE)
+                return found
+
+            for _ in range(200):  # the widget looks for people's replies every few seconds
+                shown = await people()
+                if shown["agents"]:
+                    break
+                await asyncio.sleep(0.05)
+            [agent] = shown["agents"]
+            assert agent["who"] == "Sam" and agent["text"] == "Hi, I'm Sam from support."
+            assert agent["background"] != shown["bot"], "a person looks unlike the bot"
+            assert "customer since 2019" not in shown["log"], "notes never reach the user"
+
+            await keys(browser, "Thanks Sam", Keys.ENTER)
+            state = await until(
+                browser, lambda s: s["status"] == "Sent. A person will answer here.", "the status"
+            )
+            assert [m["role"] for m in state["messages"]][-1] == "user"
+            assert len(model.prompts) == asked, "the bot stays quiet"
+            await screenshot(browser, "chat-handoff.png")
+
+            # Reloaded, the page shows the person's reply from the history.
+            await run(browser.refresh)
+            await until(browser, lambda s: len(s["messages"]) >= 5, "the history")
+            assert [a["who"] for a in (await people())["agents"]] == ["Sam"]
+
+            assert (await staff.delete("/handoff")).status_code == 204
+        await keys(browser, "Are you the bot?", Keys.ENTER)
+        state = await until(
+            browser, lambda s: reply_of(s) == "Hello, I'm the bot." and finished(s), "the bot"
+        )
+        assert len(model.prompts) == asked + 1

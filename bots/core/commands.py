@@ -19,6 +19,7 @@ from bots.core.models import (
     ConversationState,
     HandoffReason,
     Incoming,
+    Notice,
     NoticeKind,
 )
 from bots.core.notices import notice, wait_text
@@ -85,7 +86,7 @@ class Call:
     handoffs: Handoffs | None = None  # None: no people answer on this server
 
 
-Handler = Callable[[Call], Awaitable[str]]
+Handler = Callable[[Call], Awaitable[str | Notice]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,12 +327,12 @@ def _served(adapters: list[str]) -> str:
     return f"Served adapters: {', '.join(adapters) or 'none'}."
 
 
-async def _human(call: Call) -> str:
+async def _human(call: Call) -> str | Notice:
     people = call.handoffs
     if people is None or not people.offered(call.key.platform):
         return NO_DESK
     if await people.hand_off(call.key, HandoffReason.ASKED):
-        return notice(NoticeKind.HANDED_OFF).text
+        return notice(NoticeKind.HANDED_OFF)
     return ALREADY
 
 

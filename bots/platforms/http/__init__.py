@@ -17,8 +17,9 @@ from bots.core.ports import ApiKeys
 from bots.core.service import ConversationService
 from bots.platforms.errors import PlatformSetupError
 from bots.platforms.http.app import create_app
+from bots.platforms.http.desk import WebhookDesk
 from bots.platforms.http.replies import Reply, ReplyHub
-from bots.platforms.http.serving import Quota
+from bots.platforms.http.serving import PLATFORM, Quota
 from bots.platforms.http.webhook import Webhook
 from bots.settings import HttpSettings
 
@@ -82,8 +83,9 @@ async def run_http(
     sock = listen(settings.host, settings.port)
     async with AsyncExitStack() as stack:
         on_finished = None
+        webhook: Webhook | None = None
         if settings.webhook_url and settings.webhook_secret is not None:
-            webhook = await stack.enter_async_context(
+            hook = webhook = await stack.enter_async_context(
                 Webhook(
                     settings.webhook_url,
                     settings.webhook_secret.get_secret_value().encode(),
@@ -92,8 +94,10 @@ async def run_http(
             )
 
             async def on_finished(reply: Reply) -> None:
-                webhook.send(webhook_event(reply))
+                hook.send(webhook_event(reply))
 
+        if service.handoffs is not None:  # always a desk, so integrators can hand off
+            service.handoffs.attach(PLATFORM, WebhookDesk(webhook))
         hub = ReplyHub(service, keep_seconds=settings.reply_keep_seconds, on_finished=on_finished)
         config = uvicorn.Config(
             create_app(service, keys, hub, settings, quota),

@@ -3,13 +3,14 @@
 Every conversation is scoped to the integration whose API key asks: the same id under
 another integration is another conversation. Replies stream as Server-Sent Events and
 run on when the connection drops; `GET …/replies/{id}` with `Last-Event-ID` reads on.
+People take conversations over with `…/handoff` and answer with `…/agent-messages`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Security
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -17,12 +18,16 @@ from bots.core.models import Integration
 from bots.platforms.http.protocol import (
     ERRORS,
     ID_PATTERN,
+    PEOPLE_ERRORS,
     REPLY_ID_PATTERN,
     SSE_DOC,
+    AgentMessageIn,
     ErrorOut,
+    HandoffOut,
     Health,
     HistoryOut,
     MessageIn,
+    MessageOut,
     ReplyOut,
     streamed,
 )
@@ -118,9 +123,77 @@ async def read_reply(
     responses=ERRORS,
 )
 async def history(
-    conversation_id: ConversationId, integration: Caller, serving: Serving
+    conversation_id: ConversationId,
+    integration: Caller,
+    serving: Serving,
+    after: Annotated[
+        int | None, Query(ge=0, description="Only turns numbered after this (`seq`).")
+    ] = None,
+    notes: Annotated[
+        bool, Query(description="Include staff notes (role note); never for the user's eyes.")
+    ] = False,
 ) -> HistoryOut:
-    return await serving.history(integration, conversation_id)
+    return await serving.history(integration, conversation_id, after=after, notes=notes)
+
+
+@router.post(
+    "/v1/conversations/{conversation_id}/agent-messages",
+    summary="Answer the user as a person, or leave a staff note",
+    status_code=201,
+    response_model=MessageOut,
+    responses=PEOPLE_ERRORS,
+    description="A reply hands the conversation to people first if it was not (reason "
+    "`staff`): the bot stays quiet until `DELETE …/handoff`. The user's side shows it as "
+    "`role: agent` with its `name`; a note (`note: true`) is context for the bot and the "
+    "staff, listed only with `GET …/messages?notes=true`.",
+)
+async def agent_message(
+    conversation_id: ConversationId, message: AgentMessageIn, integration: Caller, serving: Serving
+) -> MessageOut:
+    return await serving.from_people(integration, conversation_id, message)
+
+
+@router.get(
+    "/v1/conversations/{conversation_id}/handoff",
+    summary="Whether people answer the conversation",
+    response_model=HandoffOut,
+    responses=PEOPLE_ERRORS,
+)
+async def handoff(
+    conversation_id: ConversationId, integration: Caller, serving: Serving
+) -> HandoffOut:
+    return await serving.handoff(integration, conversation_id)
+
+
+@router.post(
+    "/v1/conversations/{conversation_id}/handoff",
+    summary="Hand the conversation to people",
+    status_code=201,
+    response_model=HandoffOut,
+    responses=PEOPLE_ERRORS,
+    description="The bot stops answering; the user's messages are kept (and sent to the "
+    "webhook as `conversation.message`). 409 `already_handed_off` when it already was.",
+)
+async def hand_off(
+    conversation_id: ConversationId, integration: Caller, serving: Serving
+) -> HandoffOut:
+    return await serving.hand_off(integration, conversation_id)
+
+
+@router.delete(
+    "/v1/conversations/{conversation_id}/handoff",
+    summary="Hand the conversation back to the bot",
+    status_code=204,
+    response_class=Response,
+    responses=PEOPLE_ERRORS,
+    description="The bot answers the next message, with the people's replies in its "
+    "context. 409 `not_handed_off` when people were not answering it.",
+)
+async def hand_back(
+    conversation_id: ConversationId, integration: Caller, serving: Serving
+) -> Response:
+    await serving.hand_back(integration, conversation_id)
+    return Response(status_code=204)
 
 
 @router.delete(

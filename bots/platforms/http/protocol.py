@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bots.core.models import HandoffReason
+
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 REPLY_ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -56,18 +58,59 @@ class ReplyOut(BaseModel):
         description="The documentation the reply was answered from (a knowledge base); "
         "empty for free answers.",
     )
+    handed_off: bool = Field(
+        default=False,
+        description="true: people answer this conversation now, so the bot did not; the "
+        "message is kept for them and their reply comes as an `agent` message in the history.",
+    )
 
 
 class MessageOut(BaseModel):
     seq: int | None = Field(description="The turn's number in its conversation.")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "agent", "note"] = Field(
+        description="assistant: the bot; agent: a person's reply; note: a staff note, never "
+        "shown to the user (listed only with notes=true)."
+    )
     content: str
     at: float = Field(description="Unix time the turn was recorded.")
+    name: str | None = Field(
+        default=None, description="Who wrote it: the person (agent, note) or the group member."
+    )
 
 
 class HistoryOut(BaseModel):
     conversation_id: str
     messages: list[MessageOut]
+    handed_off: bool = Field(
+        default=False, description="People answer the conversation now (see …/handoff)."
+    )
+
+
+class AgentMessageIn(BaseModel):
+    """A person's reply to the user, or a staff note, in a conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str = Field(
+        min_length=1, description="What the person wrote (HTTP_MAX_BODY_BYTES bound it)."
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=64, description="The person, as the user sees them."
+    )
+    note: bool = Field(
+        default=False,
+        description="true: a note among the staff, never shown to the user; it does not hand "
+        "the conversation off. false: a reply, which hands it off first if it was not.",
+    )
+
+
+class HandoffOut(BaseModel):
+    conversation_id: str
+    handed_off: bool = Field(description="People answer the conversation; the bot stays quiet.")
+    reason: HandoffReason | None = Field(
+        description="Why it went to people: the user asked (/human or a phrase), the "
+        "knowledge base had nothing, several messages failed in a row, or staff took it."
+    )
+    since: float | None = Field(description="Unix time it was handed off.")
 
 
 class ErrorBody(BaseModel):
@@ -97,7 +140,9 @@ EVENT_STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 SSE_DOC = (
     "Events, each with an `id:`: `reply` {reply_id}, then `delta` {text} as the reply "
     "grows, `notice` {kind, text, retry_after?} from Parley, and last `done` {reply_id, "
-    "text, notices, sources: [{title, link}]}. Comment lines keep an idle stream open."
+    "text, notices, sources: [{title, link}], handed_off}. Comment lines keep an idle "
+    "stream open. While people answer the conversation (`handed_off`) the bot says nothing: "
+    "`done` comes with no text and `handed_off: true`."
 )
 Responses = dict[int | str, dict[str, Any]]
 ERRORS: Responses = {
@@ -116,3 +161,10 @@ ERRORS: Responses = {
 def streamed(description: str, errors: Responses) -> Responses:
     """The responses of an operation that answers with an event stream."""
     return {200: {"description": description, "content": EVENT_STREAM}, **errors, **ERRORS}
+
+
+PEOPLE_ERRORS: Responses = {
+    404: {"model": ErrorOut, "description": "No such conversation: the user has not written."},
+    409: {"model": ErrorOut, "description": "The handoff is not in that state (see code)."},
+    **ERRORS,
+}

@@ -17,7 +17,15 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from bots.core.models import ConversationKey, Incoming, Notice, NoticeKind, Source, Sources
+from bots.core.models import (
+    ConversationKey,
+    Incoming,
+    Notice,
+    NoticeKind,
+    Quiet,
+    Source,
+    Sources,
+)
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
 
@@ -50,6 +58,7 @@ class Reply:
     text: str = ""
     notices: list[Notice] = field(default_factory=list)
     sources: tuple[Source, ...] = ()
+    handed_off: bool = False  # people answer the conversation now, not the bot
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
@@ -122,6 +131,8 @@ class ReplyHub:
                         reply.add("notice", notice_data(part))
                     elif isinstance(part, Sources):
                         reply.sources = part.items  # sent with `done`, under the whole text
+                    elif isinstance(part, Quiet):
+                        reply.handed_off = True  # people answer: no text, on purpose
                     else:
                         pieces.append(part)
                         reply.add("delta", {"text": part})
@@ -132,6 +143,8 @@ class ReplyHub:
             log.exception("reply failed", extra={"conversation": str(reply.key)})
             self._finish(reply, pieces, extra=FAILED_TEXT)
             return
+        if any(notice.kind is NoticeKind.HANDED_OFF for notice in reply.notices):
+            reply.handed_off = True  # this message handed the conversation to people
         self._finish(reply, pieces)
         if self._on_finished is not None and reply.text:
             await self._on_finished(reply)
@@ -164,4 +177,5 @@ def done_data(reply: Reply) -> dict[str, Any]:
         "text": reply.text,
         "notices": [notice_data(notice) for notice in reply.notices],
         "sources": [{"title": s.title, "link": s.link} for s in reply.sources],
+        "handed_off": reply.handed_off,
     }

@@ -1,15 +1,38 @@
 """What the HTTP channel's routes do: who is calling, their key's quota, starting a reply,
-waiting for a whole one, and reading a conversation."""
+waiting for a whole one, reading a conversation, and the people answering it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Literal
 
-from bots.core.models import Admission, Author, ConversationKey, Incoming, Integration, NoticeKind
+from bots.core.handoff import Handoffs
+from bots.core.models import (
+    Admission,
+    Author,
+    ConversationKey,
+    Handoff,
+    HandoffReason,
+    Incoming,
+    Integration,
+    NoticeKind,
+    People,
+    Role,
+    Turn,
+)
 from bots.core.ports import ApiKeys
 from bots.core.service import ConversationService
+from bots.core.text import clean_name, sanitize
 from bots.platforms.http.errors import ApiError, limited
-from bots.platforms.http.protocol import HistoryOut, MessageIn, MessageOut, ReplyOut, UserIn
+from bots.platforms.http.protocol import (
+    AgentMessageIn,
+    HandoffOut,
+    HistoryOut,
+    MessageIn,
+    MessageOut,
+    ReplyOut,
+    UserIn,
+)
 from bots.platforms.http.replies import Reply, ReplyHub, done_data
 from bots.settings import HttpSettings
 
@@ -18,6 +41,8 @@ KEEPALIVE_S = 15.0
 LIMITED = (NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT)
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 NO_KEY = "Send an API key: Authorization: Bearer pk_…"
+NO_CONVERSATION = "No such conversation: it starts with the user's first message."
+BY_API = "api"  # who handed a conversation back through DELETE …/handoff
 
 Quota = Callable[[str, int, float], Awaitable[Admission]]
 """Count a message against a named quota of so many per so many seconds
@@ -98,12 +123,74 @@ class HttpServing:
             raise ApiError(404, "not_found", "No such reply is kept; read the history instead.")
         return reply
 
-    async def history(self, integration: Integration, conversation_id: str) -> HistoryOut:
-        turns = await self._service.history(conversation(integration, conversation_id))
+    async def history(
+        self,
+        integration: Integration,
+        conversation_id: str,
+        *,
+        after: int | None = None,
+        notes: bool = False,
+    ) -> HistoryOut:
+        """The conversation's turns (after turn `after`); staff notes only with `notes`."""
+        key = conversation(integration, conversation_id)
+        turns = await self._service.history(key)
         messages = [
-            MessageOut(seq=t.seq, role=t.role.value, content=t.content, at=t.at) for t in turns
+            message_out(t)
+            for t in turns
+            if (after is None or (t.seq or 0) > after) and (notes or t.people is not People.NOTE)
         ]
-        return HistoryOut(conversation_id=conversation_id, messages=messages)
+        handoffs = self._service.handoffs
+        handed_off = handoffs is not None and await handoffs.current(key) is not None
+        return HistoryOut(conversation_id=conversation_id, messages=messages, handed_off=handed_off)
+
+    async def handoff(self, integration: Integration, conversation_id: str) -> HandoffOut:
+        """Whether people answer the conversation; 404 when it has not started."""
+        key = conversation(integration, conversation_id)
+        handoff = await self._existing(key)
+        return handoff_out(conversation_id, handoff)
+
+    async def hand_off(self, integration: Integration, conversation_id: str) -> HandoffOut:
+        """Hand the conversation to people (staff took it); 409 when it already was."""
+        key = conversation(integration, conversation_id)
+        taken = await self._existing(key) is None
+        if not (taken and await self._people().hand_off(key, HandoffReason.STAFF)):
+            raise ApiError(409, "already_handed_off", "People already answer this conversation.")
+        return handoff_out(conversation_id, await self._people().current(key))
+
+    async def hand_back(self, integration: Integration, conversation_id: str) -> None:
+        """Give the conversation back to the bot; 409 when people were not answering it."""
+        key = conversation(integration, conversation_id)
+        handed = await self._existing(key) is not None
+        if not (handed and await self._people().hand_back(key, BY_API)):
+            raise ApiError(409, "not_handed_off", "The bot already answers this conversation.")
+
+    async def from_people(
+        self, integration: Integration, conversation_id: str, message: AgentMessageIn
+    ) -> MessageOut:
+        """Store a person's reply (handing the conversation off first) or a staff note."""
+        key = conversation(integration, conversation_id)
+        people = self._people()
+        if await self._existing(key) is None and not message.note:
+            await people.hand_off(key, HandoffReason.STAFF)  # False: someone else just did
+        await self._service.from_people(key, message.text, name=message.name, note=message.note)
+        kind = People.NOTE if message.note else People.REPLY
+        stored = _stored(await self._service.history(key), kind, message.text, message.name)
+        if stored is None:  # trimmed away at once, or the conversation was reset meanwhile
+            raise ApiError(409, "not_stored", "The message was not kept; send it again.")
+        return message_out(stored)
+
+    def _people(self) -> Handoffs:
+        handoffs = self._service.handoffs
+        if handoffs is None or not handoffs.offered(PLATFORM):
+            raise ApiError(409, "handoff_unavailable", "No people answer conversations here.")
+        return handoffs
+
+    async def _existing(self, key: ConversationKey) -> Handoff | None:
+        """The conversation's handoff; 404 when the conversation has no turns and none."""
+        handoff = await self._people().current(key)
+        if handoff is None and not await self._service.history(key):
+            raise ApiError(404, "not_found", NO_CONVERSATION)
+        return handoff
 
     async def reset(self, integration: Integration, conversation_id: str) -> None:
         await self._service.reset(conversation(integration, conversation_id))
@@ -112,6 +199,31 @@ class HttpServing:
 def conversation(integration: Integration, conversation_id: str) -> ConversationKey:
     """The integration's own conversation of this id."""
     return ConversationKey(PLATFORM, integration.name, conversation_id)
+
+
+Shown = Literal["system", "user", "assistant", "agent", "note"]
+ROLES: dict[Role, Shown] = {Role.SYSTEM: "system", Role.USER: "user", Role.ASSISTANT: "assistant"}
+PEOPLES: dict[People | None, Shown] = {People.REPLY: "agent", People.NOTE: "note"}
+
+
+def message_out(turn: Turn) -> MessageOut:
+    """A stored turn on the wire: people's turns with their own role (agent, note)."""
+    role = PEOPLES.get(turn.people) or ROLES[turn.role]
+    return MessageOut(seq=turn.seq, role=role, content=turn.content, at=turn.at, name=turn.name)
+
+
+def handoff_out(conversation_id: str, handoff: Handoff | None) -> HandoffOut:
+    reason, since = (None, None) if handoff is None else (handoff.reason, handoff.since)
+    return HandoffOut(
+        conversation_id=conversation_id, handed_off=handoff is not None, reason=reason, since=since
+    )
+
+
+def _stored(turns: Sequence[Turn], kind: People, text: str, name: str | None) -> Turn | None:
+    """The newest turn of people's `kind` with this text: the one just stored."""
+    text, name = sanitize(text), clean_name(name or "") or None
+    found = (t for t in reversed(turns) if t.people is kind and t.content == text)
+    return next((t for t in found if t.name == name), None)
 
 
 def resume_after(last_event_id: str | None) -> int:

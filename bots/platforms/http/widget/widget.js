@@ -7,6 +7,9 @@
  * Options (data-parley-*): key, title, mode ("launcher": a button that opens a panel,
  * the default; "page": the chat fills the page, and the key may come from #key=pk_…).
  *
+ * While people answer the conversation (handed off), the widget reads the history every
+ * few seconds for their replies, which any server replica can answer from Redis.
+ *
  * No dependencies and no build step. The widget lives in an open shadow root, builds
  * every node with createElement/createTextNode (never from HTML strings), and renders
  * the model's Markdown the same way, so a reply can never inject markup or script.
@@ -30,6 +33,8 @@
   const REFUSED = ["rate_limited", "budget_spent"];
   const LINK_REL = "noopener noreferrer nofollow ugc";
   const MAX_DEPTH = 8;
+  const POLL_MS = 3000; // while handed off: how often people's replies are looked for
+  const POLL_BACKOFF_MS = 15000; // after a failed look
 
   function keyFromHash() {
     const params = new URLSearchParams(location.hash.replace(/^#/, ""));
@@ -525,6 +530,8 @@
   let current = null; // the reply in progress
   let started = null;
   let ui = null;
+  let lastSeq = -1; // the newest turn shown from the history
+  let polling = 0; // the timer of the next look for people's replies; 0: not looking
 
   function build() {
     const panelTag = MODE === "page" ? "main" : "section";
@@ -744,6 +751,24 @@
     return { msg, body };
   }
 
+  // A person's reply (a handed-off conversation): their name, in a style of its own.
+  function addAgent(name, text) {
+    const who = name || "Support team";
+    const msg = h(
+      "div",
+      { class: "pw-msg pw-agent" },
+      h("span", { class: "pw-who", "aria-hidden": "true" }, who),
+      h("span", { class: "pw-vh" }, who + " (a person): "),
+      h("div", { class: "pw-bubble pw-md" }, markdown(text)),
+    );
+    append(msg);
+    return msg;
+  }
+
+  function seen(message) {
+    if (typeof message.seq === "number" && message.seq > lastSeq) lastSeq = message.seq;
+  }
+
   function typing() {
     return h(
       "span",
@@ -849,20 +874,61 @@
       setStatus(await errorText(response), "error");
       return null;
     }
-    let messages;
+    let body;
     try {
-      messages = (await response.json()).messages || [];
+      body = await response.json();
     } catch (_) {
       setStatus("Could not read the conversation.", "error");
       return null;
     }
+    const messages = (body && body.messages) || [];
     clearLog();
+    lastSeq = -1;
     for (const message of messages) {
+      seen(message);
       if (message.role === "user") addUser(String(message.content));
       else if (message.role === "assistant") addAssistant(String(message.content), false);
+      else if (message.role === "agent") addAgent(message.name, String(message.content));
     }
     scrollDown();
+    if (body.handed_off) watchPeople();
     return messages;
+  }
+
+  // ------------------------------------------------------ people's replies
+
+  function watchPeople() {
+    if (!polling && cid) polling = setTimeout(lookForPeople, POLL_MS);
+  }
+
+  function stopWatching() {
+    clearTimeout(polling);
+    polling = 0;
+  }
+
+  async function lookForPeople() {
+    const asked = cid;
+    let body = null;
+    try {
+      const response = await fetch(api("/messages" + (lastSeq >= 0 ? "?after=" + lastSeq : "")), {
+        headers: auth({ Accept: "application/json" }),
+        cache: "no-store",
+      });
+      if (response.ok) body = await response.json();
+    } catch (_) {
+      /* unreachable for now: look again later */
+    }
+    if (!polling || asked !== cid) return; // started over meanwhile
+    if (!body || !Array.isArray(body.messages)) {
+      polling = setTimeout(lookForPeople, POLL_BACKOFF_MS);
+      return;
+    }
+    for (const message of body.messages) {
+      if (typeof message.seq === "number" && message.seq <= lastSeq) continue;
+      seen(message);
+      if (message.role === "agent") addAgent(message.name, String(message.content));
+    }
+    polling = body.handed_off ? setTimeout(lookForPeople, POLL_MS) : 0;
   }
 
   let sending = false;
@@ -1168,6 +1234,11 @@
       reply.msg.remove(); // only notices answered
     }
     const notices = Array.isArray(data.notices) ? data.notices : [];
+    if (data.handed_off === true) {
+      watchPeople();
+      if (!reply.answer && !notices.length) setStatus("Sent. A person will answer here.");
+      return;
+    }
     if (!reply.answer && notices.some((n) => n && REFUSED.includes(n.kind)) && reply.user) {
       // Refused (a limit): the message was not taken, so offer it again.
       reply.user.classList.add("pw-unsent");
@@ -1220,6 +1291,8 @@
       }
     }
     cid = "";
+    stopWatching();
+    lastSeq = -1;
     save("conversation", null);
     save("pending", null);
     clearLog();
