@@ -2,11 +2,12 @@
 
 It keeps each chat's messages, queues updates for `getUpdates` (long polling: new and
 edited messages, channel posts, with mention entities as Telegram finds them), answers
-`sendMessage`, `editMessageText`, `sendChatAction`, `setMyCommands`, `setWebhook` and
-friends the way Telegram does, including its errors: 429 with `retry_after` when a
-chat's limits are exceeded, 400 "can't parse entities" for malformed HTML, and 400
-"message is not modified" for an edit that changes nothing; and, when asked, 502 for the
-next calls of a method (`fail_next`) or for a share of sends and edits (`fail_share`).
+`sendMessage`, `editMessageText`, `sendChatAction`, `getChat` (chats seen in updates),
+`setMyCommands`, `setWebhook` and friends the way Telegram does, including its errors: 429
+with `retry_after` when a chat's limits are exceeded, 400 "can't parse entities" for
+malformed HTML, and 400 "message is not modified" for an edit that changes nothing; and,
+when asked, 502 for the next calls of a method (`fail_next`) or for a share of sends and
+edits (`fail_share`).
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class FakeTelegram:
     sent: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))  # bot's ids
     webhook: dict[str, Any] = field(default_factory=dict)
     group_owners: set[int] = field(default_factory=set)  # getChatMember says "creator"
+    chats: dict[int, dict[str, Any]] = field(default_factory=dict)  # seen in updates: getChat
     _polls_ended: bool = False
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -264,6 +266,7 @@ class FakeTelegram:
                 message[entities] = mentions(message[body])
         text = message.get("text", message.get("caption", ""))
         self.messages[message["chat"]["id"]][message["message_id"]] = text
+        self.chats[message["chat"]["id"]] = message["chat"]
         async with self._changed:
             self._updates.append({"update_id": next(self._update_ids), kind: message})
             self._changed.notify_all()
@@ -368,6 +371,10 @@ class FakeTelegram:
                     {"status": "creator", "user": person(user_id, "owner"), "is_anonymous": False}
                 )
             return self._ok({"status": "member", "user": person(user_id, "member")})
+        if method == "getChat":
+            if (chat := self.chats.get(params["chat_id"])) is None:
+                return self._error(400, "Bad Request: chat not found")
+            return self._ok({**chat, "accent_color_id": 0, "max_reaction_count": 11})
         if method == "getUpdates":
             return self._ok(await self._poll(params.get("offset", 0), params.get("timeout", 0)))
         if method in ("sendMessage", "editMessageText"):

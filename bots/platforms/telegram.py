@@ -22,6 +22,12 @@ from bots.delivery.reply import ChatReplies, ChatStyle
 from bots.delivery.stream import CallWindow, Limits, PlatformFailed, RateLimited
 from bots.platforms.errors import PlatformSetupError
 from bots.platforms.telegram_markup import italic, sources_markup, to_html
+from bots.platforms.telegram_staff import (
+    StaffRoom,
+    TelegramStaffDesk,
+    retry_seconds,
+    staff_message,
+)
 from bots.settings import TelegramSettings
 
 log = logging.getLogger(__name__)
@@ -116,7 +122,7 @@ class ChatSink:
                 text,
             )  # fmt: skip
         except RetryAfter as error:  # the send is tried again, still as the reply
-            raise RateLimited(_seconds(error.retry_after)) from error
+            raise RateLimited(retry_seconds(error.retry_after)) from error
         except BadRequest:  # refused for good (PTB counts it a NetworkError)
             raise
         except NetworkError as error:  # a 5xx, a timeout, a lost connection: it may pass
@@ -133,7 +139,7 @@ class ChatSink:
                 text,
             )
         except RetryAfter as error:
-            raise RateLimited(_seconds(error.retry_after)) from error
+            raise RateLimited(retry_seconds(error.retry_after)) from error
         except BadRequest as error:
             if "not modified" not in error.message.lower():
                 raise
@@ -149,11 +155,6 @@ class ChatSink:
                 raise
             log.warning("Telegram refused the HTML of a reply; sending it as plain text")
             return await call(None, text)  # type: ignore[operator, no-any-return]
-
-
-def _seconds(retry_after: object) -> float:
-    total = getattr(retry_after, "total_seconds", None)
-    return float(total()) if callable(total) else float(retry_after)  # type: ignore[arg-type]
 
 
 def typing_in(message: Message) -> Callable[[], Awaitable[None]]:
@@ -182,6 +183,16 @@ class TelegramChat:
         self._windows: OrderedDict[int, list[CallWindow]] = OrderedDict()
         self._replies = ChatReplies(service, TELEGRAM_STYLE, in_flight=in_flight)
         self.in_flight = self._replies.in_flight
+        self._staff: StaffRoom | None = None
+
+    def open_staff_desk(self, bot: Bot) -> None:
+        """Let staff answer handed-off conversations in TELEGRAM_STAFF_CHAT, through `bot`."""
+        handoffs, staff_chat = self._service.handoffs, self._settings.staff_chat
+        if handoffs is None or staff_chat is None:
+            return
+        desk = TelegramStaffDesk(bot, staff_chat, self.windows_for)
+        handoffs.attach("telegram", desk)
+        self._staff = StaffRoom(self._service, desk)
 
     def windows_for(self, chat_id: int, group: bool) -> list[CallWindow]:
         """The per-chat budgets every reply in that chat shares (most recent chats kept)."""
@@ -242,6 +253,15 @@ class TelegramChat:
             if incoming.text.startswith("/"):
                 incoming = replace(incoming, is_admin=await self.is_admin(message))
             await self._answer(message, incoming)
+
+    async def on_staff(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Act on a staff member's reply to a post: answer, note, or /bot; edits are not."""
+        message = update.message
+        if message is None or self._staff is None:
+            return
+        if (said := staff_message(message, context.bot)) is not None:
+            with self.in_flight.track():  # a staff answer under way finishes on shutdown
+                await self._staff.handle(said)
 
     async def on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Update the stored turn of an edited message; an edit is never answered."""
@@ -316,6 +336,8 @@ def build_application(chat: TelegramChat, settings: TelegramSettings) -> Applica
     if settings.answer_channel_posts:
         new |= filters.UpdateType.CHANNEL_POST
         edited |= filters.UpdateType.EDITED_CHANNEL_POST
+    if settings.staff_chat is not None:  # first: the staff chat is never chatted with
+        application.add_handler(MessageHandler(filters.Chat(settings.staff_chat), chat.on_staff))
     application.add_handler(CommandHandler("start", chat.on_start, filters=new))
     application.add_handler(CommandHandler("help", chat.on_help, filters=new))
     worded = filters.TEXT | filters.CAPTION  # not service messages, nor live locations' edits
@@ -338,6 +360,7 @@ async def run_telegram(
     application = build_application(chat, settings)
     try:
         async with application:
+            chat.open_staff_desk(application.bot)
             await application.bot.set_my_commands(MENU)
             await application.start()
             assert application.updater is not None
