@@ -33,7 +33,12 @@ from tests.conftest import ROOT
 DOCKER = ROOT / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 COMPOSE = ROOT / "compose.yaml"
-BOT_SERVICES = {"discord": "discord", "telegram": "telegram", "http": "http"}
+BOT_SERVICES = {
+    "discord": "discord",
+    "telegram": "telegram",
+    "http": "http",
+    "chatwoot": "chatwoot",
+}
 BUILD_TOOLS = re.compile(
     r"\b(gcc|g\+\+|cc|clang|make|cmake|build-essential|build-base|python3?-dev|"
     r"libc6-dev|musl-dev|pkg-config|cargo|rustc|git|curl|wget)\b"
@@ -314,6 +319,7 @@ def test_bot_services(compose: dict[str, Any]) -> None:
             "LLM_BASE_URL": "http://inference:8000/v1",
             "KB_EMBED_BASE_URL": "http://embeddings:8001/v1",
             "HTTP_HOST": "0.0.0.0",
+            "CHATWOOT_HOST": "0.0.0.0",
             "OPS_HOST": "0.0.0.0",
             "LOG_FORMAT": "json",
             "DATA_DIR": "/data",

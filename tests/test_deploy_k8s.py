@@ -242,7 +242,7 @@ def test_every_bot_serves_ops_probes_and_outlives_its_shutdown_grace() -> None:
         for w in workloads(docs)
         if any(c["image"].startswith(BOTS_IMAGE) for c in containers(w))
     }
-    assert set(bots) == {"discord", "telegram", "http"}
+    assert set(bots) == {"discord", "telegram", "http", "chatwoot"}
     for name, workload in bots.items():
         pod = pod_spec(workload)
         assert pod["terminationGracePeriodSeconds"] > BOTS_SHUTDOWN_GRACE_S, name

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import socket
 import sys
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import uvicorn
@@ -21,6 +18,7 @@ from bots.platforms.http.desk import WebhookDesk
 from bots.platforms.http.replies import Reply, ReplyHub
 from bots.platforms.http.serving import PLATFORM, Quota
 from bots.platforms.http.webhook import Webhook
+from bots.platforms.listening import BACKLOG, Server, listen
 from bots.settings import HttpSettings
 
 log = logging.getLogger(__name__)
@@ -28,32 +26,6 @@ log = logging.getLogger(__name__)
 
 class HttpSetupError(PlatformSetupError):
     """The HTTP channel cannot start: a port in use, a webhook without its secret."""
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: Parley's process handles SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-BACKLOG = 2048
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """Open the listening socket first: a taken port is a clear error, not an exit, and
-    connections queue from the moment the address is announced."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise HttpSetupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    sock.listen(BACKLOG)
-    return sock
 
 
 def webhook_event(reply: Reply) -> dict[str, object]:
@@ -107,7 +79,7 @@ async def run_http(
             timeout_graceful_shutdown=math.ceil(settings.shutdown_seconds) + 5,
             backlog=BACKLOG,
         )
-        server = _Server(config)
+        server = Server(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         print(
