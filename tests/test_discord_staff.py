@@ -151,7 +151,7 @@ async def test_a_dm_asking_for_a_person_opens_a_thread_with_its_context_pinging_
     await staffed.posted(DM_CHANNEL_ID, 1)
     await staffed.say(DM_CHANNEL_ID, "/human")
     told = await staffed.posted(DM_CHANNEL_ID, 2)
-    assert told[1] == HANDED_OFF
+    assert told[1] == f"-# {HANDED_OFF}\n"  # the notice, as a phrase hands off too
 
     thread_id = await staffed.opened(DM)
     (starter,) = staffed.posts(STAFF_CHANNEL_ID)
@@ -172,7 +172,7 @@ async def test_a_dm_asking_for_a_person_opens_a_thread_with_its_context_pinging_
     assert (turns[-1].content, turns[-1].people) == ("hello? anyone?", People.ASKED)
     await staffed.say(DM_CHANNEL_ID, "/human")
     await staffed.shown(DM_CHANNEL_ID, ALREADY)
-    assert staffed.texts(DM_CHANNEL_ID).count(HANDED_OFF) == 1, "told once"
+    assert staffed.texts(DM_CHANNEL_ID).count(f"-# {HANDED_OFF}\n") == 1, "told once"
     assert len(staffed.posts(STAFF_CHANNEL_ID)) == 1, "one thread"
 
 
@@ -181,7 +181,7 @@ async def test_a_message_people_answer_gets_no_reply_from_the_bot(staffed: Staff
     thread_id = await staffed.opened(DM)
     await staffed.say(DM_CHANNEL_ID, "hello? anyone?")
     await staffed.posted(thread_id, 1)
-    assert staffed.texts(DM_CHANNEL_ID) == [HANDED_OFF]
+    assert staffed.texts(DM_CHANNEL_ID) == [f"-# {HANDED_OFF}\n"]
 
 
 async def test_staff_answer_in_the_thread_note_and_hand_back_with_bot(staffed: Staffed) -> None:
