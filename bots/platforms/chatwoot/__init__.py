@@ -26,6 +26,7 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any
@@ -103,7 +104,7 @@ class ChatwootDesk:
         self._outbox = outbox
         self._team = team
 
-    async def opened(self, key: ConversationKey, handoff: Handoff, recent: object) -> None:
+    async def opened(self, key: ConversationKey, handoff: Handoff, recent: Sequence[Turn]) -> None:
         if handoff.reason is HandoffReason.STAFF:
             return  # Chatwoot's people opened it themselves
         await self._change(key, "status", "open")
