@@ -119,6 +119,7 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
             )
         )
         store = context_store(redis, settings.redis)
+        line = await stack.enter_async_context(store.line)
         model = OpenAIChatModel(
             client,
             model=model_name,
@@ -147,6 +148,7 @@ async def open_backend(settings: BotSettings) -> AsyncIterator[Backend]:
             observer=metrics,
             knowledge=retriever,
             handoffs=Handoffs(store, store, handoff_policy(settings), metrics),
+            line=line,
         )
         yield Backend(service, redis, limiter, base_url, metrics, embed_url)
 

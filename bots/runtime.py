@@ -87,6 +87,7 @@ def context_store(redis: Redis, settings: RedisSettings) -> RedisContextStore:
         prefix=settings.key_prefix,
         max_turns=settings.context_max_turns,
         ttl_seconds=settings.context_ttl_seconds,
+        lease_seconds=settings.line_lease_seconds,
     )
 
 

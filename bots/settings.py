@@ -36,6 +36,13 @@ class RedisSettings(BaseModel):
     context_max_turns: int = Field(default=200, ge=2)
     context_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
     max_connections: int = Field(default=256, ge=1, description="Connections per bot process.")
+    line_lease_seconds: float = Field(
+        default=10.0,
+        ge=1,
+        le=300,
+        description="A replica that dies while answering frees its conversation after this "
+        "long; a living one renews its lease every quarter of it.",
+    )
     sentinels: Annotated[
         tuple[Annotated[str, Field(pattern=r"^\S+:\d{1,5}$")], ...],
         NoDecode,
@@ -197,6 +204,15 @@ class HttpSettings(BaseModel):
         default=(), description="Web origins whose pages may call the API, e.g. the widget's."
     )
     max_body_bytes: int = Field(default=65_536, ge=1_024, description="Largest request body.")
+    max_header_bytes: int = Field(
+        default=16_384, ge=1_024, description="Largest request line and headers together."
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's headers."
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a whole body after them."
+    )
     key_messages: int = Field(
         default=600, ge=0, description="Messages per API key per window, unless the key says."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,7 @@ async def http_channel(
 
     With a `handoff` policy, conversations can go to people, as `python -m bots http` does.
     """
+    stack = AsyncExitStack()
     redis = connect_redis(redis_url)
     store = RedisContextStore(redis, prefix=prefix, max_turns=200, ttl_seconds=3600)
     limiter = RedisLimiter(
@@ -64,7 +65,12 @@ async def http_channel(
     )
     handoffs = None if handoff is None else Handoffs(store, store, handoff)
     service = ConversationService(
-        store, model, limiter=limiter, policy=policy or ChatPolicy(), handoffs=handoffs
+        store,
+        model,
+        limiter=limiter,
+        policy=policy or ChatPolicy(),
+        handoffs=handoffs,
+        line=await stack.enter_async_context(store.line),
     )
     keys = RedisApiKeys(redis, prefix=prefix)
     http = HttpSettings(**{"port": free_port(), **settings})
@@ -83,6 +89,7 @@ async def http_channel(
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+        await stack.aclose()
         await redis.aclose()
 
 

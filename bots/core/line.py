@@ -1,15 +1,20 @@
 """Arrival order: each key's holders are served one at a time, in the order they came.
 
-And the way out of a line held too long: a `Stoppable` answer can be ended by a later
-arrival (/reset) at once, even while it waits on a model that does not answer.
+`ArrivalLine` is the line of one process; `bots.store.line.RedisLine` is the same line
+across processes. And the way out of a line held too long: a `Stoppable` answer can be
+ended by a later arrival (/reset) at once, even while it waits on a model that does not
+answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
 from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
+
+from bots.core.models import ConversationKey
+from bots.core.ports import Line
 
 T = TypeVar("T")
 
@@ -43,10 +48,20 @@ class Place:
 
 
 class ArrivalLine:
-    """Serve each key's holders strictly in the order they arrived; keys run concurrently."""
+    """Serve each key's holders strictly in the order they arrived; keys run concurrently.
+
+    The `Line` of a single process: a stop asked of it is answered here.
+    """
 
     def __init__(self) -> None:
         self._last: dict[Hashable, asyncio.Future[None]] = {}
+        self._stop: Callable[[ConversationKey], None] = lambda _: None
+
+    def stop(self, key: ConversationKey) -> None:
+        self._stop(key)
+
+    def on_stop(self, stop: Callable[[ConversationKey], None]) -> None:
+        self._stop = stop
 
     def __len__(self) -> int:
         return len(self._last)
@@ -63,14 +78,16 @@ class ArrivalLine:
         if self._last.get(key) is done:
             del self._last[key]
 
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        place = self.join(key)
-        try:
-            await place.wait()
-            yield
-        finally:
-            place.leave()
+
+@asynccontextmanager
+async def held(line: Line, key: ConversationKey) -> AsyncIterator[None]:
+    """Hold `key`'s line for the block: wait for the turn, leave on the way out."""
+    place = line.join(key)
+    try:
+        await place.wait()
+        yield
+    finally:
+        place.leave()
 
 
 class Stoppable:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from bots.core.models import (
@@ -25,6 +25,11 @@ from bots.core.models import (
 
 class StoreUnavailable(Exception):
     """The context store could not be reached or answered with an error."""
+
+
+class LineLost(StoreUnavailable):
+    """A write came from a holder whose turn in the conversation's line had already ended
+    (its lease lapsed and another replica took over): refused, so nothing is interleaved."""
 
 
 class ModelError(Exception):
@@ -109,6 +114,39 @@ class ContextStore(Protocol):
     async def remove(self, key: ConversationKey, message_id: str) -> bool:
         """Delete the turn that came from a platform message, and the answer to it (the
         assistant turns right after a user's); False if none."""
+        ...
+
+
+class Place(Protocol):
+    """A place in one conversation's line, taken on arrival."""
+
+    async def wait(self) -> None:
+        """Return when everyone before has left (`StoreUnavailable` if it cannot tell)."""
+        ...
+
+    def leave(self) -> None:
+        """Give the turn to the next in line; idempotent, also before the turn came."""
+        ...
+
+
+class Line(Protocol):
+    """Each conversation's messages answered one at a time, in arrival order, whichever
+    process took them; different conversations run concurrently."""
+
+    def join(self, key: ConversationKey) -> Place:
+        """Take a place now, synchronously: the order of calls is the order of arrival."""
+        ...
+
+    def stop(self, key: ConversationKey) -> None:
+        """Ask whoever serves `key` now, in any process, to end the reply under way."""
+        ...
+
+    def on_stop(self, stop: Callable[[ConversationKey], None]) -> None:
+        """Call `stop` when a reply served here is asked to end."""
+        ...
+
+    def __len__(self) -> int:
+        """Conversations with a place taken in this process."""
         ...
 
 

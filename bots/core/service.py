@@ -25,7 +25,7 @@ from bots.core.commands import (
 from bots.core.context import SHORTENED_SUFFIX, ContextFitter, Fitted
 from bots.core.handoff import ALREADY, OFFER, Handoffs
 from bots.core.knowledge import Retriever, ground, sources_of
-from bots.core.line import ArrivalLine, Place, Stoppable
+from bots.core.line import ArrivalLine, Stoppable, held
 from bots.core.models import (
     ConversationKey,
     ConversationState,
@@ -56,9 +56,11 @@ from bots.core.ports import (
     ContextStore,
     KnowledgeUnavailable,
     Limiter,
+    Line,
     ModelError,
     NoObserver,
     Observer,
+    Place,
     PromptTooLong,
     StoreUnavailable,
 )
@@ -120,6 +122,7 @@ class ConversationService:
         observer: Observer | None = None,
         knowledge: Retriever | None = None,
         handoffs: Handoffs | None = None,
+        line: Line | None = None,
     ) -> None:
         self._store = store
         self._handoffs = handoffs
@@ -129,7 +132,8 @@ class ConversationService:
         self._limiter = limiter
         self._policy = policy
         self._fitter = ContextFitter(model.count_tokens, target=policy.trim_target)
-        self._line = ArrivalLine()
+        self._line: Line = line or ArrivalLine()
+        self._line.on_stop(self._stop_reply_here)
         self._underway: dict[ConversationKey, Stoppable] = {}  # the reply each line serves
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._markers: re.Pattern[str] | None = None
@@ -160,7 +164,7 @@ class ConversationService:
             return False
         key = self.conversation_of(edited)
         text, _ = self._cut(sanitize(edited.text))
-        async with self._line.hold(key):
+        async with held(self._line, key):
             return await self._store.edit(key, edited.message_id, text)
 
     async def forget(self, deleted: Incoming) -> bool:
@@ -168,7 +172,7 @@ class ConversationService:
         if deleted.message_id is None:
             return False
         key = self.conversation_of(deleted)
-        async with self._line.hold(key):
+        async with held(self._line, key):
             return await self._store.remove(key, deleted.message_id)
 
     async def history(self, key: ConversationKey) -> list[Turn]:
@@ -179,7 +183,7 @@ class ConversationService:
         """Forget a conversation's turns (its persona stays): a reply under way stops; the
         replies still waiting in line before this are answered first."""
         self._stop_reply(key)
-        async with self._line.hold(key):
+        async with held(self._line, key):
             await self._store.clear(key)
 
     async def from_people(
@@ -191,7 +195,7 @@ class ConversationService:
         turn = Turn(
             Role.ASSISTANT, sanitize(text), name=clean_name(name or "") or None, people=kind
         )
-        async with self._line.hold(key):
+        async with held(self._line, key):
             await self._store.append(key, turn)
             if self._handoffs is not None:
                 await self._handoffs.current(key, touch=True)
@@ -213,6 +217,10 @@ class ConversationService:
         return self._respond(key, parts, place, from_model=_asks_model(command))
 
     def _stop_reply(self, key: ConversationKey) -> None:
+        """End the reply under way in `key`, in whichever process serves it."""
+        self._line.stop(key)
+
+    def _stop_reply_here(self, key: ConversationKey) -> None:
         if (underway := self._underway.get(key)) is not None:
             underway.stop()
 
@@ -231,7 +239,12 @@ class ConversationService:
         underway = Stoppable()
         try:
             if place is not None:
-                await place.wait()
+                try:
+                    await place.wait()
+                except StoreUnavailable:
+                    log.warning("line unavailable", extra={"conversation": str(key)})
+                    yield notice(NoticeKind.STORE_UNAVAILABLE)
+                    return
             if from_model:  # the reply this line serves now, which a /reset may end
                 self._underway[key] = underway
             async for part in underway.run(parts):

@@ -21,16 +21,21 @@ from bots.core.models import (
     Turn,
     Usage,
 )
+from bots.core.ports import LineLost
 from bots.store.errors import store_errors
+from bots.store.line import FENCE, LEASE_S, RedisLine
 
 log = logging.getLogger(__name__)
 
-# Append turns (ARGV[5..], JSON objects) to the list KEYS[1], numbering each from the
+# Append turns (ARGV[6..], JSON objects) to the list KEYS[1], numbering each from the
 # counter KEYS[3]. When ARGV[3] is set, first drop the user turn of that number and all
 # after it (return 0 if it is gone). Trim to ARGV[1] turns, expire after ARGV[2] seconds;
 # when ARGV[4] is set, store it as the context window's start in KEYS[2]. One script:
-# no reader ever sees half of it.
-RECORD = """
+# no reader ever sees half of it. Refused (-1) unless ARGV[5] holds the line (KEYS[4..5]).
+RECORD = (
+    FENCE
+    + """
+if fenced(KEYS[4], KEYS[5], ARGV[5]) then return -1 end
 local list, window, counter = KEYS[1], KEYS[2], KEYS[3]
 local ttl = tonumber(ARGV[2])
 if ARGV[3] ~= '' then
@@ -47,11 +52,11 @@ if ARGV[3] ~= '' then
   if found == nil then return 0 end
   if found == 1 then redis.call('DEL', list) else redis.call('LTRIM', list, 0, found - 2) end
 end
-local count = #ARGV - 4
+local count = #ARGV - 5
 local last = redis.call('INCRBY', counter, count)
 local numbered = {}
 for i = 1, count do
-  numbered[i] = '{"seq":' .. (last - count + i) .. ',' .. string.sub(ARGV[4 + i], 2)
+  numbered[i] = '{"seq":' .. (last - count + i) .. ',' .. string.sub(ARGV[5 + i], 2)
 end
 redis.call('RPUSH', list, unpack(numbered))
 redis.call('LTRIM', list, -tonumber(ARGV[1]), -1)
@@ -64,11 +69,15 @@ elseif redis.call('EXISTS', window) == 1 then
 end
 return 1
 """
+)
 
 # Find the turn whose "id" is ARGV[2]; ARGV[1] says to edit its content to ARGV[3] or to
 # delete it, and with a user's message the answers to it. One script, so a concurrent
-# append can never interleave with the change.
-CHANGE_TURN = """
+# append can never interleave with the change. Refused (-1) unless ARGV[4] holds the line.
+CHANGE_TURN = (
+    FENCE
+    + """
+if fenced(KEYS[2], KEYS[3], ARGV[4]) then return -1 end
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 for index, raw in ipairs(items) do
   local ok, turn = pcall(cjson.decode, raw)
@@ -92,7 +101,18 @@ for index, raw in ipairs(items) do
 end
 return 0
 """
+)
 
+
+# Forget the turns KEYS[1] and the window's start KEYS[2], unless ARGV[1] lost the line.
+CLEAR = (
+    FENCE
+    + """
+if fenced(KEYS[3], KEYS[4], ARGV[1]) then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+)
 
 # A conversation's handoff: the hash KEYS[1] (reason, since, last activity), the clock
 # Redis's own, so replicas with drifting clocks agree on when one lapsed.
@@ -194,19 +214,40 @@ class RedisContextStore:
     while people answer it, its handoff (expiring with it); a channel has its options
     (persona, adapter, collect, kb; kept until cleared: they are its admins' settings).
 
+    Its `line` orders each conversation's messages across replicas; a write made while
+    this process holds a conversation's line carries the holder's ticket, and is refused
+    (`LineLost`) if another replica has taken the line over since.
+
     Args:
         client: a redis-py asyncio client.
         prefix: namespace of every key this store writes.
         max_turns: turns kept per conversation; older ones are trimmed away.
         ttl_seconds: a conversation idle this long is forgotten.
+        lease_seconds: a replica that stops renewing its place in a line loses it after this.
     """
 
-    def __init__(self, client: Redis, *, prefix: str, max_turns: int, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str,
+        max_turns: int,
+        ttl_seconds: int,
+        lease_seconds: float = LEASE_S,
+    ) -> None:
         self._client = client
+        self.line = RedisLine(
+            client,
+            prefix=prefix,
+            slot_of=conversation_slot,
+            key_of=parse_slot,
+            lease_seconds=lease_seconds,
+        )
         self._prefix = prefix
         self._max_turns = max_turns
         self._ttl_seconds = ttl_seconds
         self._change_turn = client.register_script(CHANGE_TURN)
+        self._clear = client.register_script(CLEAR)
         self._record = client.register_script(RECORD)
         self._hand_off = client.register_script(HAND_OFF)
         self._handoff = client.register_script(HANDOFF)
@@ -241,11 +282,13 @@ class RedisContextStore:
             self._ttl_seconds,
             "" if replacing is None else replacing,
             "" if window_start is None else window_start,
+            self.line.fence(key),
             *(encode_turn(turn) for turn in turns),
         ]
         keys = [self.redis_key(key), self.redis_key(key, "win"), self.redis_key(key, "seq")]
         with store_errors():
-            return bool(await self._record(keys=keys, args=args))
+            done = await self._record(keys=[*keys, *self._fence_keys(key)], args=args)
+        return _unfenced(key, done)
 
     async def state(self, key: ConversationKey) -> ConversationState:
         kinds = ("win", "persona", "adapter", "collect", "kb")
@@ -287,15 +330,22 @@ class RedisContextStore:
     async def _change(
         self, key: ConversationKey, action: str, message_id: str, content: str
     ) -> bool:
+        keys = [self.redis_key(key), *self._fence_keys(key)]
+        args = [action, message_id, content, self.line.fence(key)]
         with store_errors():
-            changed = await self._change_turn(
-                keys=[self.redis_key(key)], args=[action, message_id, content]
-            )
-        return bool(changed)
+            changed = await self._change_turn(keys=keys, args=args)
+        return _unfenced(key, changed)
 
     async def clear(self, key: ConversationKey) -> None:
+        keys = [self.redis_key(key), self.redis_key(key, "win"), *self._fence_keys(key)]
         with store_errors():
-            await self._client.delete(self.redis_key(key), self.redis_key(key, "win"))
+            cleared = await self._clear(keys=keys, args=[self.line.fence(key)])
+        _unfenced(key, cleared)
+
+    def _fence_keys(self, key: ConversationKey) -> list[str]:
+        """The line's keys a fenced write checks: its tickets and their counter."""
+        line, _, counter = self.line.keys(conversation_slot(key))
+        return [line, counter]
 
     async def hand_off(self, key: ConversationKey, handoff: Handoff) -> bool:
         args = [handoff.reason.value, handoff.since, self._ttl_seconds]
@@ -318,6 +368,13 @@ class RedisContextStore:
         with store_errors():
             found = await self._hand_back(keys=[self.redis_key(key, "handoff")])
         return _handoff(found) if found else None
+
+
+def _unfenced(key: ConversationKey, outcome: int) -> bool:
+    """A writing script's outcome; `LineLost` when it refused a holder that lost the line."""
+    if outcome == -1:
+        raise LineLost(f"{key}: the line was taken over; this write is refused")
+    return bool(outcome)
 
 
 def _handoff(fields: list[bytes]) -> Handoff:
