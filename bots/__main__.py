@@ -252,7 +252,15 @@ def bot(platform: str, backend: Backend, settings: BotSettings) -> Coroutine[Any
     from bots.store.keys import RedisApiKeys
 
     keys = RedisApiKeys(backend.redis, prefix=settings.redis.key_prefix)
-    return run_http(backend.service, settings.http, keys, backend.limiter.admit_quota)
+    return run_http(
+        backend.service,
+        settings.http,
+        keys,
+        backend.limiter.admit_quota,
+        redis=backend.redis,
+        prefix=settings.redis.key_prefix,
+        metrics=backend.metrics,
+    )
 
 
 async def run_bots(settings: BotSettings, platforms: list[str]) -> None:

@@ -49,7 +49,12 @@ async def run(settings: BotSettings, args: argparse.Namespace) -> int:
                 print(f"{found.key_id}  {found.name}  created {when}  quota {quota}{kb}")
         else:
             revoked = await keys.revoke(args.which)
-            print(f"revoked {revoked} key(s)", file=sys.stderr)
+            print(
+                f"revoked {revoked} key(s): refused from now on by every replica"
+                if revoked
+                else f"no key or integration named {args.which!r}; nothing revoked",
+                file=sys.stderr,
+            )
             return 0 if revoked else 1
     return 0
 

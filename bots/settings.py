@@ -231,7 +231,19 @@ class HttpSettings(BaseModel):
     webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key of the webhook's signature."
     )
-    webhook_attempts: int = Field(default=6, ge=1, le=20)
+    webhook_retry_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="A delivery the receiver keeps refusing is dropped after this.",
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    consumer: str | None = Field(
+        default=None,
+        description="This replica's name in the webhook's delivery queue, the same across "
+        "its restarts; unset: the host name.",
+    )
     widget_title: str = Field(default="Chat with us", min_length=1, max_length=80)
 
 

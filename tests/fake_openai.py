@@ -75,6 +75,7 @@ class FakeOpenAI:
     port: int = 0
     _server: asyncio.Server | None = None
     _served: int = 0
+    _recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def base_url(self) -> str:
@@ -93,6 +94,12 @@ class FakeOpenAI:
 
     def completions(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    async def asked(self, count: int = 1) -> None:
+        """Wait until `count` chat completions have been asked for."""
+        while len(self.completions()) < count:
+            self._recorded.clear()
+            await self._recorded.wait()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -115,6 +122,7 @@ class FakeOpenAI:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         body = json.loads(raw) if raw else None
         self.requests.append(Recorded(method, path, headers, body))
+        self._recorded.set()
         if path == "/health":  # vLLM's
             await self._send_json(writer, 200, {})
             return True

@@ -74,7 +74,9 @@ async def http_channel(
     )
     keys = RedisApiKeys(redis, prefix=prefix)
     http = HttpSettings(**{"port": free_port(), **settings})
-    task = asyncio.create_task(run_http(service, http, keys, limiter.admit_quota))
+    task = asyncio.create_task(
+        run_http(service, http, keys, limiter.admit_quota, redis=redis, prefix=prefix)
+    )
     url = f"http://127.0.0.1:{http.port}"
     try:
         async with httpx.AsyncClient() as client:

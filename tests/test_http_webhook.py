@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from bots.platforms.http.webhook import Webhook, signature, verify
+from bots.store.outbox import OutboxPolicy
 from tests.http_channel import http_channel
 from tests.loopback import serve
 from tests.test_http_api import Answers
@@ -76,32 +80,92 @@ async def test_a_finished_reply_is_pushed_signed(
     }
 
 
-async def test_failed_deliveries_are_retried_with_the_same_id(receiver: Receiver) -> None:
+FAST = OutboxPolicy(first_backoff=0.01, max_backoff=0.05, claim_after=30.0)
+
+
+@dataclass
+class Counted:
+    """The outbox's events, counted as the metrics would, and awaited by the tests."""
+
+    seen: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, event: str) -> None:
+        self.seen[event] += 1
+        self.changed.set()
+
+    async def reach(self, event: str, count: int) -> None:
+        while self.seen[event] < count:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 10)
+
+
+def hook(
+    url: str, redis: Redis, prefix: str, counted: Counted, policy: OutboxPolicy = FAST
+) -> Webhook:
+    stream = f"{prefix}:outbox:{{http-webhook}}"
+    return Webhook(url, SECRET, redis, stream=stream, consumer="one", policy=policy, count=counted)
+
+
+async def test_failed_deliveries_are_retried_with_the_same_id(
+    receiver: Receiver, redis_client: Redis, key_prefix: str
+) -> None:
     receiver.statuses = [503, 429, 500]
-    async with Webhook(receiver.url, SECRET, attempts=5, first_backoff=0.01) as hook:
-        assert await hook.deliver({"reply": "hello"})
+    counted = Counted()
+    async with hook(receiver.url, redis_client, key_prefix, counted) as webhook:
+        await webhook.send("c1", {"reply": "hello"})
+        await counted.reach("delivered", 1)
     assert len(receiver.calls) == 4
     deliveries = {headers["Parley-Delivery"] for headers, _ in receiver.calls}
     assert len(deliveries) == 1
     assert [headers["Parley-Attempt"] for headers, _ in receiver.calls] == ["1", "2", "3", "4"]
     assert all(verify(SECRET, h["Parley-Signature"], body) for h, body in receiver.calls)
+    assert counted.seen["retried"] == 3
 
 
-async def test_a_refusal_is_not_retried_and_attempts_are_bounded(receiver: Receiver) -> None:
+async def test_a_refusal_is_not_retried(
+    receiver: Receiver, redis_client: Redis, key_prefix: str
+) -> None:
     receiver.statuses = [400]
-    async with Webhook(receiver.url, SECRET, attempts=3, first_backoff=0.01) as hook:
-        assert not await hook.deliver({"reply": "x"})
-        assert len(receiver.calls) == 1
-        receiver.statuses = [503, 503, 503, 503]
-        assert not await hook.deliver({"reply": "y"})
-        assert len(receiver.calls) == 4
+    counted = Counted()
+    async with hook(receiver.url, redis_client, key_prefix, counted) as webhook:
+        await webhook.send("c1", {"reply": "x"})
+        await counted.reach("given_up", 1)
+        await webhook.send("c1", {"reply": "y"})  # the next one of the conversation goes on
+        await counted.reach("delivered", 1)
+    assert [json.loads(body) for _, body in receiver.calls] == [{"reply": "x"}, {"reply": "y"}]
 
 
-async def test_an_unreachable_receiver_is_retried_then_given_up() -> None:
-    async with Webhook("http://127.0.0.1:9/hook", SECRET, attempts=3, first_backoff=0.01) as hook:
+async def test_an_unreachable_receiver_is_retried_until_the_window_ends(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    counted = Counted()
+    policy = dataclasses.replace(FAST, give_up_after=0.5)
+    async with hook("http://127.0.0.1:9/hook", redis_client, key_prefix, counted, policy) as w:
         started = time.monotonic()
-        assert not await hook.deliver({"reply": "z"})
-    assert time.monotonic() - started < 5
+        await w.send("c1", {"reply": "z"})
+        await counted.reach("given_up", 1)
+    assert counted.seen["retried"] >= 2
+    assert 0.5 <= time.monotonic() - started < 5
+
+
+async def test_deliveries_pending_at_shutdown_go_out_after_the_restart(
+    receiver: Receiver, redis_client: Redis, key_prefix: str
+) -> None:
+    receiver.statuses = [503] * 1000  # down until the test says
+    counted = Counted()
+    async with hook(receiver.url, redis_client, key_prefix, counted) as webhook:
+        for n in range(6):
+            await webhook.send(f"c{n % 2}", {"n": n})
+        await counted.reach("retried", 6)
+    receiver.statuses.clear()
+    receiver.calls.clear()
+    async with hook(receiver.url, redis_client, key_prefix, counted):
+        await counted.reach("delivered", 6)
+    delivered = [json.loads(body)["n"] for _, body in receiver.calls]
+    assert sorted(delivered) == list(range(6))
+    assert [n for n in delivered if n % 2 == 0] == [0, 2, 4], "one conversation in order"
+    assert len({headers["Parley-Delivery"] for headers, _ in receiver.calls}) == 6
 
 
 def test_signatures_bind_the_body_the_time_and_the_secret() -> None:

@@ -132,7 +132,7 @@ class ConversationService:
         self._limiter = limiter
         self._policy = policy
         self._fitter = ContextFitter(model.count_tokens, target=policy.trim_target)
-        self._line: Line = line or ArrivalLine()
+        self._line: Line = line if line is not None else ArrivalLine()
         self._line.on_stop(self._stop_reply_here)
         self._underway: dict[ConversationKey, Stoppable] = {}  # the reply each line serves
         self._slots = asyncio.Semaphore(policy.max_in_flight)

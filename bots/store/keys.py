@@ -3,6 +3,9 @@
 A key is 32 random bytes; Redis holds its SHA-256 (a fast hash is enough for a random
 secret of that size) beside the integration it belongs to. Conversations are scoped to
 the integration, so a new key for the same integration (rotation) keeps them.
+
+Every request looks its key up (one HGET): a revoked key is refused by every replica
+from the moment `revoke` returns, with nothing cached to outlive it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from bots.store.errors import store_errors
 
 KEY_PREFIX = "pk_"
 INTEGRATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-CACHE_S = 30.0  # a revoked key stops working within this long on every replica
 
 
 def hash_key(key: str) -> str:
@@ -35,11 +37,9 @@ def new_key() -> str:
 class RedisApiKeys:
     """The integrations' keys in one Redis hash: field = the key's SHA-256, value = JSON."""
 
-    def __init__(self, client: Redis, *, prefix: str, cache_seconds: float = CACHE_S) -> None:
+    def __init__(self, client: Redis, *, prefix: str) -> None:
         self._client = client
         self._hash = f"{prefix}:http:keys"
-        self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Integration]] = {}
 
     async def create(
         self,
@@ -66,19 +66,9 @@ class RedisApiKeys:
         """The integration a key belongs to, or None for an unknown or revoked key."""
         if not key.startswith(KEY_PREFIX) or len(key) > 128:
             return None
-        digest = hash_key(key)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         with store_errors():
-            raw = await self._client.hget(self._hash, digest)
-        if raw is None:
-            self._cache.pop(digest, None)
-            return None
-        integration = Integration(**json.loads(raw))
-        self._cache[digest] = (now + self._cache_seconds, integration)
-        return integration
+            raw = await self._client.hget(self._hash, hash_key(key))
+        return None if raw is None else Integration(**json.loads(raw))
 
     async def list(self) -> list[Integration]:
         with store_errors():
@@ -97,5 +87,4 @@ class RedisApiKeys:
         if doomed:
             with store_errors():
                 await self._client.hdel(self._hash, *doomed)
-            self._cache.clear()
         return len(doomed)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 10.0
 RENEW_SHARE = 0.25  # leases are renewed (and waiters look again) this often, of the lease
+LISTEN_S = 1.0  # the listener looks whether it should stop this often
 COUNTER_TTL_S = 7 * 86_400  # tickets keep rising this long after a conversation's last one
 
 # Shared by the scripts: KEYS[1] the line (a sorted set of tickets, scored by number),
@@ -201,6 +202,7 @@ class RedisLine:
         self._stop: Callable[[ConversationKey], None] = lambda _: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listening: asyncio.Task[None] | None = None
+        self._closing = False
 
     def keys(self, slot: str) -> list[str]:
         """The line's keys for a conversation: its tickets, their leases, their counter."""
@@ -215,9 +217,11 @@ class RedisLine:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        self._closing = True
         if self._listening is not None:
+            # redis-py's pub/sub can miss a cancellation (under uvloop): the flag ends it
             self._listening.cancel()
-            await asyncio.gather(self._listening, return_exceptions=True)
+            await asyncio.wait({self._listening}, timeout=2 * LISTEN_S)
         if self._tasks:  # the last leaves, so the next holders start without waiting
             await asyncio.wait(self._tasks, timeout=2.0)
 
@@ -324,12 +328,15 @@ class RedisLine:
         task.add_done_callback(self._tasks.discard)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(self._freed, self._stops)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while not self._closing:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=LISTEN_S
+                        )
+                        if message is not None and message.get("type") == "message":
                             self._heard(_text(message["channel"]), _text(message["data"]))
             except RedisError as error:
                 log.warning("line listener reconnecting: %s", error)

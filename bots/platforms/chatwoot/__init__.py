@@ -31,7 +31,6 @@ from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any
 
-import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -49,7 +48,7 @@ from bots.ops import Metrics
 from bots.platforms.chatwoot.api import TIMEOUT_S, ChatwootApi
 from bots.platforms.chatwoot.events import PLATFORM, Event, Kind, Unreadable, read_event
 from bots.platforms.errors import PlatformSetupError
-from bots.platforms.listening import Server, listen
+from bots.platforms.listening import ReadLimits, Server, ServerConfig, listen
 from bots.settings import ChatwootSettings
 from bots.store.outbox import Delivery, Outbox, OutboxPolicy
 
@@ -347,7 +346,7 @@ async def run_chatwoot(
         bot.inbound, bot.outbound = outbox("in", bot.handle), outbox("out", bot.deliver)
         if service.handoffs is not None:
             service.handoffs.attach(PLATFORM, ChatwootDesk(bot.outbound, settings.handoff_team))
-        config = uvicorn.Config(create_app(bot), log_config=None, access_log=False, lifespan="off")
+        config = ServerConfig(create_app(bot), ReadLimits())  # the HTTP channel's defaults
         server = Server(config)
         print(
             f"Chatwoot agent bot on http://{settings.host}:{sock.getsockname()[1]}/chatwoot",

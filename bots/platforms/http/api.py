@@ -31,7 +31,7 @@ from bots.platforms.http.protocol import (
     ReplyOut,
     streamed,
 )
-from bots.platforms.http.replies import Reply
+from bots.platforms.http.replies import KeptReply, Reply
 from bots.platforms.http.serving import HttpServing, resume_after, sse_bytes
 
 router = APIRouter()
@@ -65,7 +65,7 @@ ConversationId = Annotated[
 ]
 
 
-def event_stream(reply: Reply, after: int = -1) -> StreamingResponse:
+def event_stream(reply: Reply | KeptReply, after: int = -1) -> StreamingResponse:
     """Stream a reply's events after `after` as SSE, live until its `done`."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Reply-Id": reply.id}
     return StreamingResponse(
@@ -97,11 +97,11 @@ async def send_message(
     summary="Read a reply's events again, from after Last-Event-ID",
     responses=streamed(
         "The reply's events (as the message's stream).",
-        {404: {"model": ErrorOut, "description": "No such reply kept here; read history."}},
+        {404: {"model": ErrorOut, "description": "No such reply is kept; read the history."}},
     ),
     response_class=Response,
-    description="A reply is kept for HTTP_REPLY_KEEP_SECONDS after it ends, on the "
-    "server that answered it. " + SSE_DOC,
+    description="A reply is kept for HTTP_REPLY_KEEP_SECONDS after its last event, in "
+    "Redis: any replica serves it, also after a restart of the one that answered. " + SSE_DOC,
 )
 async def read_reply(
     conversation_id: ConversationId,
@@ -112,7 +112,7 @@ async def read_reply(
         str | None, Header(description="The last event seen; the stream goes on after it.")
     ] = None,
 ) -> Response:
-    reply = serving.reply(integration, conversation_id, reply_id)
+    reply = await serving.reply(integration, conversation_id, reply_id)
     return event_stream(reply, resume_after(last_event_id))
 
 

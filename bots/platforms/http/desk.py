@@ -28,7 +28,7 @@ class WebhookDesk:
         self._webhook = webhook
 
     async def opened(self, key: ConversationKey, handoff: Handoff, recent: Sequence[Turn]) -> None:
-        self._send(
+        await self._send(
             key,
             "conversation.handoff",
             reason=handoff.reason.value,
@@ -37,13 +37,13 @@ class WebhookDesk:
         )
 
     async def relayed(self, key: ConversationKey, turn: Turn) -> None:
-        self._send(key, "conversation.message", at=turn.at, message=message_out(turn).model_dump())
+        message = message_out(turn).model_dump()
+        await self._send(key, "conversation.message", at=turn.at, message=message)
 
     async def returned(self, key: ConversationKey, by: str) -> None:
-        self._send(key, "conversation.returned", by=by, at=time.time())
+        await self._send(key, "conversation.returned", by=by, at=time.time())
 
-    def _send(self, key: ConversationKey, kind: str, **fields: Any) -> None:
+    async def _send(self, key: ConversationKey, kind: str, **fields: Any) -> None:
         if self._webhook is not None:
-            self._webhook.send(
-                {"type": kind, "integration": key.channel, "conversation_id": key.thread, **fields}
-            )
+            event = {"type": kind, "integration": key.channel, "conversation_id": key.thread}
+            await self._webhook.send(str(key), {**event, **fields})

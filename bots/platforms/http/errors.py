@@ -93,8 +93,21 @@ async def invalid(request: Request, error: Exception) -> Response:
     return error_response(422, "invalid_request", where)
 
 
+def unreadable_json(cause: BaseException | None) -> str | None:
+    """Why `json.loads` failed short of a JSONDecodeError (FastAPI's 400 has it as cause)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "The body is not valid JSON: it is not UTF-8."
+    if isinstance(cause, RecursionError):
+        return "The body is not valid JSON: it is nested too deeply."
+    if isinstance(cause, ValueError):  # the only other: an integer over Python's digit limit
+        return "The body is not valid JSON: a number is too long."
+    return None
+
+
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
+    if error.status_code == 400 and (message := unreadable_json(error.__cause__)):
+        return error_response(400, "malformed_json", message)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
     code = codes.get(error.status_code, "error")
     headers = dict(error.headers) if error.headers else {}

@@ -3,12 +3,15 @@
 A reply runs as a task of its own, detached from the request that asked for it. Its
 events are kept in order, so a client whose connection dropped can reconnect and read
 on from the last event it saw (`Last-Event-ID`), and the exchange is recorded whole
-whether or not anyone is still listening.
+whether or not anyone is still listening. With a `RedisReplyLog` the events are also
+written to Redis, so the reconnect may reach any replica, also after a restart of the one
+that answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -28,6 +31,7 @@ from bots.core.models import (
 )
 from bots.core.service import ConversationService
 from bots.delivery.inflight import InFlight
+from bots.store.replies import RedisReplyLog
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,22 @@ class Reply:
     notices: list[Notice] = field(default_factory=list)
     sources: tuple[Source, ...] = ()
     handed_off: bool = False  # people answer the conversation now, not the bot
+    kept: Callable[[int, str, bytes], None] | None = None  # told of each event, to keep it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
-        self.events.append(sse_frame(len(self.events), kind, data))
+        index = len(self.events)
+        self.events.append(frame := sse_frame(index, kind, data))
+        if self.kept is not None:
+            self.kept(index, kind, frame)
         self._wake.set()
         self._wake = asyncio.Event()
+
+    async def frames(self, after: int = -1, *, idle: float = 15.0) -> AsyncIterator[bytes | None]:
+        """The SSE frames after event `after`, live until `done`; None after `idle` seconds
+        without one (time for a keep-alive)."""
+        async for index in self.follow(after, idle=idle):
+            yield None if index is None else self.events[index]
 
     async def follow(self, after: int = -1, *, idle: float = 15.0) -> AsyncIterator[int | None]:
         """Yield the index of each event after `after` as it arrives; None after `idle`
@@ -83,7 +97,23 @@ class Reply:
                 yield None
 
 
+@dataclass(frozen=True)
+class KeptReply:
+    """A reply another replica (or this one before a restart) answered, read from Redis."""
+
+    id: str
+    log: RedisReplyLog
+
+    def frames(self, after: int = -1, *, idle: float = 15.0) -> AsyncIterator[bytes | None]:
+        return self.log.follow(self.id, after, idle=idle)
+
+
 OnFinished = Callable[[Reply], Awaitable[None]]
+
+
+def owner_of(key: ConversationKey) -> str:
+    """A conversation, written down to check a kept reply against."""
+    return json.dumps(dataclasses.astuple(key))
 
 
 class ReplyHub:
@@ -93,6 +123,7 @@ class ReplyHub:
         service: the conversation service that answers.
         keep_seconds: a finished reply stays readable this long.
         on_finished: called with each finished reply that has text (e.g. the webhook).
+        log: where replies' events are kept for every replica; None: in this process only.
     """
 
     def __init__(
@@ -101,8 +132,10 @@ class ReplyHub:
         *,
         keep_seconds: float = 120.0,
         on_finished: OnFinished | None = None,
+        log: RedisReplyLog | None = None,
     ) -> None:
         self._service = service
+        self._log = log
         self._keep_seconds = keep_seconds
         self._on_finished = on_finished
         self._replies: dict[str, Reply] = {}
@@ -111,6 +144,13 @@ class ReplyHub:
     def start(self, incoming: Incoming) -> Reply:
         """Begin answering; the reply's first event names it."""
         reply = Reply(uuid.uuid4().hex, incoming.key, incoming.text)
+        if (kept := self._log) is not None:
+            owner = owner_of(reply.key)
+
+            def keep(index: int, kind: str, frame: bytes) -> None:
+                kept.add(reply.id, index, kind, frame, owner if index == 0 else None)
+
+            reply.kept = keep
         reply.add("reply", {"reply_id": reply.id})
         self._replies[reply.id] = reply
         self._running.add(asyncio.create_task(self._run(reply, incoming), name=f"reply-{reply.id}"))
@@ -120,6 +160,12 @@ class ReplyHub:
         """The reply of this id in this conversation, while it is kept."""
         reply = self._replies.get(reply_id)
         return reply if reply is not None and reply.key == key else None
+
+    async def kept(self, reply_id: str, key: ConversationKey) -> KeptReply | None:
+        """The reply of this id in this conversation, as Redis keeps it for every replica."""
+        if self._log is None or await self._log.owner(reply_id) != owner_of(key):
+            return None
+        return KeptReply(reply_id, self._log)
 
     async def _run(self, reply: Reply, incoming: Incoming) -> None:
         pieces: list[str] = []

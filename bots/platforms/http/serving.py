@@ -33,7 +33,7 @@ from bots.platforms.http.protocol import (
     ReplyOut,
     UserIn,
 )
-from bots.platforms.http.replies import Reply, ReplyHub, done_data
+from bots.platforms.http.replies import KeptReply, Reply, ReplyHub, done_data
 from bots.settings import HttpSettings
 
 PLATFORM = "http"
@@ -116,9 +116,13 @@ class HttpServing:
             raise limited(refusal.retry_after or 1.0, refusal.text)
         return ReplyOut.model_validate(done_data(reply))
 
-    def reply(self, integration: Integration, conversation_id: str, reply_id: str) -> Reply:
-        """A reply kept in this conversation; 404 when there is none (or no longer)."""
-        reply = self._hub.find(reply_id, conversation(integration, conversation_id))
+    async def reply(
+        self, integration: Integration, conversation_id: str, reply_id: str
+    ) -> Reply | KeptReply:
+        """A reply kept in this conversation, by this replica or in Redis; 404 when there is
+        none (or no longer)."""
+        key = conversation(integration, conversation_id)
+        reply = self._hub.find(reply_id, key) or await self._hub.kept(reply_id, key)
         if reply is None:
             raise ApiError(404, "not_found", "No such reply is kept; read the history instead.")
         return reply
@@ -232,10 +236,7 @@ def resume_after(last_event_id: str | None) -> int:
     return int(seen) if seen.isdigit() and len(seen) < 10 else -1
 
 
-async def sse_bytes(reply: Reply, after: int = -1) -> AsyncIterator[bytes]:
+async def sse_bytes(reply: Reply | KeptReply, after: int = -1) -> AsyncIterator[bytes]:
     """A reply's SSE frames after `after`, live until its `done`, with keep-alive comments."""
-    async for index in reply.follow(after, idle=KEEPALIVE_S):
-        if index is None:
-            yield b": keep-alive\n\n"
-            continue
-        yield reply.events[index]
+    async for frame in reply.frames(after, idle=KEEPALIVE_S):
+        yield b": keep-alive\n\n" if frame is None else frame

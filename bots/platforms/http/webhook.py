@@ -1,10 +1,14 @@
-"""Push each finished reply to a helpdesk's URL, signed, retried with backoff.
+"""Push events (finished replies, handoffs) to a helpdesk's URL, signed, through a
+durable outbox in Redis.
 
 The body is JSON; the header `Parley-Signature: t=<unix time>,v1=<hex>` carries
 HMAC-SHA256(secret, "<t>.<body>"), so the receiver can check both who sent it and that it
-is fresh. `Parley-Delivery` stays the same across the retries of one delivery, so the
-receiver can drop duplicates. Connection errors, timeouts, 429 and 5xx answers are
-retried (429's Retry-After is honoured); other answers end the delivery.
+is fresh. `Parley-Delivery` stays the same across every attempt of one delivery, in any
+replica and across restarts, so the receiver can drop duplicates. Deliveries wait in a
+Redis stream (`bots.store.outbox`) until the receiver took them: connection errors,
+timeouts, 429 and 5xx answers are retried with capped exponential backoff (429's
+Retry-After is honoured) for `HTTP_WEBHOOK_RETRY_HOURS`; other answers end the delivery.
+One conversation's events go out in order; other conversations do not wait for it.
 """
 
 from __future__ import annotations
@@ -15,17 +19,17 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bots.store.outbox import Count, Delivery, Outbox, OutboxPolicy, Reject, Retry
 
 log = logging.getLogger(__name__)
 
-QUEUE_SIZE = 10_000
-WORKERS = 4
-FIRST_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 60.0
+TIMEOUT_S = 10.0
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -47,101 +51,91 @@ def verify(secret: bytes, header: str, body: bytes, *, tolerance: float = 300.0)
 
 
 class Webhook:
-    """Deliver events from a bounded queue with a few workers; `async with` runs them.
+    """Queue events for the receiver and deliver them; `async with` runs the deliveries.
 
-    A full queue drops the event with an error in the log rather than holding replies
-    back. On exit, queued deliveries get `drain_seconds` to go out.
+    Args:
+        url: the receiver.
+        secret: the signature's key.
+        redis: the shared Redis the outbox lives in.
+        stream: the outbox's stream key.
+        consumer: this replica's name in the outbox, the same across its restarts.
+        policy: backoff, give-up and take-over times.
+        timeout: seconds one attempt may take.
+        count: told of each outbox event, for metrics.
     """
 
     def __init__(
         self,
         url: str,
         secret: bytes,
+        redis: Redis,
         *,
-        attempts: int = 6,
-        timeout: float = 10.0,
-        first_backoff: float = FIRST_BACKOFF_S,
-        drain_seconds: float = 10.0,
+        stream: str,
+        consumer: str,
+        policy: OutboxPolicy | None = None,
+        timeout: float = TIMEOUT_S,
+        count: Count | None = None,
     ) -> None:
         self._url = url
         self._secret = secret
-        self._attempts = attempts
         self._timeout = timeout
-        self._first_backoff = first_backoff
-        self._drain_seconds = drain_seconds
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
-        self._workers: list[asyncio.Task[None]] = []
+        self.outbox = Outbox(
+            redis,
+            stream=stream,
+            consumer=consumer,
+            send=self.deliver,
+            policy=policy or OutboxPolicy(),
+            count=count,
+        )
         self._client: httpx.AsyncClient | None = None
+        self._running: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Webhook:
         self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
-        self._workers = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        self._running = asyncio.create_task(self.outbox.run(), name="webhook-outbox")
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        try:
-            await asyncio.wait_for(self._queue.join(), self._drain_seconds)
-        except TimeoutError:
-            log.error("webhook: %d deliveries not sent at shutdown", self._queue.qsize())
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        """Stop delivering: what is not out yet stays queued for the next start."""
+        if self._running is not None:
+            self._running.cancel()
+            await asyncio.gather(self._running, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
-    def send(self, event: dict[str, Any]) -> None:
+    async def send(self, key: str, event: dict[str, Any]) -> None:
+        """Queue an event; events of one `key` (a conversation) go out in order."""
         try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            log.error("webhook: queue full, event dropped")
+            await self.outbox.put(key, event)
+        except RedisError as error:
+            log.error("webhook: event %s not queued: %s", event.get("type"), error)
 
-    async def _work(self) -> None:
-        while True:
-            event = await self._queue.get()
-            try:
-                await self.deliver(event)
-            except Exception:
-                log.exception("webhook: delivery failed")
-            finally:
-                self._queue.task_done()
-
-    async def deliver(self, event: dict[str, Any]) -> bool:
-        """Send one event, retrying; True once the receiver answered 2xx."""
+    async def deliver(self, delivery: Delivery) -> None:
+        """Send one delivery; raise `Retry` while the receiver cannot take it, `Reject`
+        when it refused it."""
         assert self._client is not None, "use `async with Webhook(...)`"
-        body = json.dumps(event, ensure_ascii=False).encode()
-        delivery = uuid.uuid4().hex
-        backoff = self._first_backoff
-        for attempt in range(1, self._attempts + 1):
-            headers = {
-                "Content-Type": "application/json",
-                "User-Agent": "Parley-Webhook/1",
-                "Parley-Delivery": delivery,
-                "Parley-Attempt": str(attempt),
-                "Parley-Signature": signature(self._secret, int(time.time()), body),
-            }
-            wait = backoff
-            try:
-                answer = await self._client.post(self._url, content=body, headers=headers)
-            except httpx.HTTPError as error:
-                outcome = type(error).__name__
-            else:
-                if answer.is_success:
-                    return True
-                outcome = f"HTTP {answer.status_code}"
-                if answer.status_code != 429 and answer.status_code < 500:
-                    log.error("webhook: delivery %s refused (%s)", delivery, outcome)
-                    return False
-                wait = max(wait, _retry_after(answer))
-            if attempt < self._attempts:
-                log.warning("webhook: attempt %d failed (%s); retrying", attempt, outcome)
-                await asyncio.sleep(min(wait, MAX_BACKOFF_S))
-                backoff *= 2
-        log.error("webhook: delivery %s given up after %d attempts", delivery, self._attempts)
-        return False
+        body = json.dumps(delivery.body, ensure_ascii=False).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "Parley-Webhook/1",
+            "Parley-Delivery": delivery.id,
+            "Parley-Attempt": str(delivery.attempts + 1),
+            "Parley-Signature": signature(self._secret, int(time.time()), body),
+        }
+        try:
+            answer = await self._client.post(self._url, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            raise Retry(type(error).__name__) from None
+        if answer.is_success:
+            return
+        outcome = f"HTTP {answer.status_code}"
+        if answer.status_code == 429 or answer.status_code >= 500:
+            raise Retry(outcome, _retry_after(answer))
+        raise Reject(outcome)
 
 
-def _retry_after(answer: httpx.Response) -> float:
+def _retry_after(answer: httpx.Response) -> float | None:
     try:
-        return float(answer.headers.get("Retry-After", 0))
-    except ValueError:
-        return 0.0
+        return float(answer.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
