@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bots.core.models import PromptMessage
-from bots.core.ports import ChatModel
+from bots.core.ports import ChatModel, ModelUnavailable
 from bots.platforms.http.protocol import ID_PATTERN
 from tests.fakes import ScriptedModel
 from tests.http_channel import (
@@ -90,6 +90,28 @@ async def test_a_reply_can_be_one_json_answer(channel: Channel) -> None:
         body = answer.json()
         assert body["text"] == "You said: ping" and body["notices"] == []
         assert len(body["reply_id"]) == 32
+
+
+async def test_a_json_answer_says_whether_it_was_recorded(redis_url: str, key_prefix: str) -> None:
+    model = Answers()
+    async with api_on(redis_url, key_prefix, model) as (_, api):
+        answer = await api.post("/v1/conversations/c1/messages", json=post("ping", stream=False))
+        assert answer.status_code == 200 and answer.json()["recorded"] is True
+        helped = await api.post("/v1/conversations/c1/messages", json=post("/help", stream=False))
+        assert helped.status_code == 200 and helped.json()["recorded"] is False
+        model.fail_with = ModelUnavailable("down")
+        failed = await api.post("/v1/conversations/c1/messages", json=post("hi", stream=False))
+        assert failed.status_code == 503 and failed.headers["Retry-After"] == "5"
+        assert failed.json()["error"]["code"] == "model_unavailable"
+        model.fail_after = 2  # two pieces, then the model fails: an answer cut short
+        cut = await api.post("/v1/conversations/c1/messages", json=post("again", stream=False))
+        assert cut.status_code == 200 and cut.json()["text"] and cut.json()["recorded"] is False
+        assert [kind for kind, _ in await history(api, "c1")] == [
+            "user",
+            "assistant",
+            "user",
+            "user",
+        ], "only the first exchange was answered whole; the others' messages are kept"
 
 
 async def test_commands_work_through_the_api(channel: Channel) -> None:

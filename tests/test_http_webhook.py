@@ -77,6 +77,7 @@ async def test_a_finished_reply_is_pushed_signed(
         "message": "where is my parcel",
         "reply": "You said: where is my parcel",
         "notices": [],
+        "recorded": True,
     }
 
 

@@ -5,6 +5,8 @@ webhooks hold across them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -13,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +25,7 @@ from bots.core.models import ConversationKey
 from bots.store.redis import RedisContextStore
 from tests.conftest import free_port, start_bots
 from tests.fake_openai import FakeOpenAI, Hang, Recorded, Reply
+from tests.fake_telegram import TOKEN, FakeTelegram, person, private_chat
 from tests.http_channel import events, read_events, reply_text
 from tests.loopback import serve
 
@@ -31,10 +35,12 @@ SECRET = "whsec-replicas-0123456789"
 
 @dataclass
 class Replica:
-    """One `python -m bots http` process; its stderr is drained (and kept) as it runs."""
+    """One `python -m bots http` process (or `telegram`, whose webhook is on `port`); its
+    stderr is drained (and kept) as it runs."""
 
     env: dict[str, str]
     port: int
+    command: str = "http"
     process: asyncio.subprocess.Process | None = None
     log: list[str] = field(default_factory=list)
     _draining: asyncio.Task[None] | None = None
@@ -44,11 +50,10 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.process = process = await start_bots(
-            "http", env={**self.env, "HTTP_PORT": str(self.port)}
-        )
+        ports = {"HTTP_PORT": str(self.port), "TELEGRAM_WEBHOOK_PORT": str(self.port)}
+        self.process = process = await start_bots(self.command, env={**self.env, **ports})
         assert process.stderr is not None
-        while b"HTTP channel on http://127.0.0.1:" not in (
+        while self.command == "http" and b"HTTP channel on http://127.0.0.1:" not in (
             line := await asyncio.wait_for(process.stderr.readline(), 60)
         ):
             self.log.append(line.decode(errors="replace"))
@@ -158,16 +163,85 @@ async def test_simultaneous_messages_to_one_conversation_take_turns_across_repli
         for batch in range(0, 100, 25):
             await asyncio.gather(*(pair_of(n) for n in range(batch, batch + 25)))
 
+    keys = [ConversationKey("http", "acme", f"p{n}") for n in range(100)]
+    await took_turns(store, model, keys)
+
+
+async def took_turns(
+    store: RedisContextStore, model: FakeOpenAI, keys: list[ConversationKey]
+) -> None:
+    """Each conversation holds its pair's two exchanges whole, in the order the model was
+    asked, and the second prompt holds the first exchange."""
     asked = {last_user_text(request): request for request in model.completions()}
     order = [last_user_text(request) for request in model.completions()]
-    for n in range(100):
-        turns = await store.load(ConversationKey("http", "acme", f"p{n}"))
+    for n, key in enumerate(keys):
+        turns = await store.load(key)
         assert [t.role.value for t in turns] == ["user", "assistant", "user", "assistant"]
         earlier, later = turns[0].content, turns[2].content
         assert {earlier, later} == {f"first-{n}", f"second-{n}"}
         assert order.index(earlier) < order.index(later), "stored in the order answered"
         prompt = [m["content"] for m in asked[later].body["messages"]]
         assert earlier in prompt and "Noted that." in prompt, f"pair {n}: {prompt}"
+
+
+async def test_simultaneous_messages_in_one_chat_take_turns_across_telegram_replicas(
+    redis_url: str, key_prefix: str, store: RedisContextStore, tmp_path: Path
+) -> None:
+    """Two `python -m bots telegram` processes in webhook mode, as behind a load balancer:
+    100 users each send two messages at once, one reaching each replica."""
+    async with (
+        FakeTelegram() as telegram,
+        FakeOpenAI([Reply("Noted that.", chunk_chars=3, delay=0.005)]) as model,
+    ):
+        env = {
+            **os.environ,
+            "LLM_BASE_URL": model.base_url,
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": key_prefix,
+            "DATA_DIR": str(tmp_path),
+            "OPS_PORT": "0",
+            "LIMITS_USER_MESSAGES": "0",
+            "LIMITS_CONVERSATION_MESSAGES": "0",
+            "TELEGRAM_TOKEN": TOKEN,
+            "TELEGRAM_BASE_URL": telegram.base_url,
+            "TELEGRAM_WEBHOOK_URL": "https://bots.example.com/telegram",
+            "TELEGRAM_WEBHOOK_LISTEN": "127.0.0.1",
+        }
+        pair = [Replica(env, free_port(), "telegram") for _ in range(2)]
+        await asyncio.gather(*(replica.start() for replica in pair))
+        try:
+            await telegram.wait_for(lambda: len(telegram.calls_to("setWebhook")) >= 2, 60)
+            users = [person(10_000 + n, f"user{n}") for n in range(100)]
+            updates = itertools.count(1)
+            async with httpx.AsyncClient() as client:
+
+                async def say(user: dict[str, Any], text: str, replica: Replica) -> None:
+                    fields = {"chat": private_chat(user), "from": user, "text": text}
+                    update = {"update_id": next(updates), "message": await telegram.push(fields)}
+                    for _ in range(200):  # the webhook listens just after setWebhook
+                        with contextlib.suppress(httpx.ConnectError):
+                            answer = await client.post(f"{replica.url}/telegram", json=update)
+                            assert answer.status_code == 200
+                            return
+                        await asyncio.sleep(0.05)
+                    raise AssertionError(f"replica on {replica.port} never listened")
+
+                async def pair_of(n: int) -> None:
+                    user = users[n]
+                    await asyncio.gather(
+                        say(user, f"first-{n}", pair[0]), say(user, f"second-{n}", pair[1])
+                    )
+
+                for batch in range(0, 100, 25):
+                    await asyncio.gather(*(pair_of(n) for n in range(batch, batch + 25)))
+            await telegram.wait_for(
+                lambda: all(len(telegram.sent[user["id"]]) >= 2 for user in users), 60
+            )
+        finally:
+            for replica in pair:
+                assert await replica.stop() == 0, "".join(replica.log[-20:])
+    keys = [ConversationKey("telegram", str(user["id"])) for user in users]
+    await took_turns(store, model, keys)
 
 
 async def test_a_reset_on_one_replica_ends_the_reply_on_the_other(

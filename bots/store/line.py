@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from bots.core.models import ConversationKey
 from bots.core.ports import StoreUnavailable
-from bots.store.errors import store_errors
+from bots.store.errors import stop_if_cancelled, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class RedisPlace:
         self.ticket = ticket
         line = self._line
         while not heads:
+            stop_if_cancelled()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken, line.renew_every)
             self._woken = line.woken(self.slot)  # before looking: a move meanwhile counts
@@ -142,6 +143,7 @@ class RedisPlace:
 
     async def _renew(self) -> None:
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self._line.renew_every)
             try:
                 if not await self._line.renew(self, again=False):
@@ -329,10 +331,12 @@ class RedisLine:
 
     async def _listen(self) -> None:
         while not self._closing:
+            stop_if_cancelled()
             try:
                 async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(self._freed, self._stops)
                     while not self._closing:
+                        stop_if_cancelled()
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=LISTEN_S
                         )

@@ -26,6 +26,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from bots.store.errors import stop_if_cancelled
+
 log = logging.getLogger(__name__)
 
 GROUP = "deliver"
@@ -145,6 +147,7 @@ class Outbox:
             await self._take(await self._read("0"))  # held before a restart
             claimed_at = 0.0
             while True:
+                stop_if_cancelled()
                 if time.monotonic() - claimed_at > self._policy.claim_after / 4:
                     claimed_at = time.monotonic()
                     await self._take(await self._claim())
@@ -221,6 +224,7 @@ class Outbox:
     async def _deliver(self, entry: str, delivery: Delivery) -> None:
         policy = self._policy
         while True:
+            stop_if_cancelled()
             try:
                 if await self._redis.exists(self._done_key(delivery.id)):
                     await self._finish(entry, delivery)  # sent by a process that lost it
@@ -280,6 +284,7 @@ class Outbox:
                 return
             except RedisError as error:
                 log.warning("outbox %s: cannot acknowledge (%s); retrying", self._stream, error)
+                stop_if_cancelled()
                 await asyncio.sleep(self._policy.first_backoff)
 
     def _done_key(self, delivery_id: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bots.store.errors import store_errors
+from bots.store.errors import stop_if_cancelled, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class RedisReplyLog:
         seconds without one. Ends early if the reply's events expire (its replica died)."""
         stream, last = self.stream(reply_id), f"0-{after + 1}"
         while True:
+            stop_if_cancelled()
             with store_errors():
                 found: Any = await self._client.xread(
                     {stream: last}, count=READ_COUNT, block=round(idle * 1000)
@@ -95,6 +96,7 @@ class RedisReplyLog:
 
     async def _write(self) -> None:
         while True:
+            stop_if_cancelled()
             await self._wake.wait()
             self._wake.clear()
             try:

@@ -43,6 +43,7 @@ def webhook_event(reply: Reply) -> dict[str, object]:
         "message": reply.message,
         "reply": reply.text,
         "notices": [notice.kind.value for notice in reply.notices],
+        "recorded": reply.recorded,
     }
 
 

@@ -79,7 +79,14 @@ def event_stream(reply: Reply | KeptReply, after: int = -1) -> StreamingResponse
     response_model=ReplyOut,
     responses=streamed(
         "The reply: an event stream, or one JSON object (stream=false).",
-        {429: {"model": ErrorOut, "description": "A rate limit; see Retry-After."}},
+        {
+            429: {"model": ErrorOut, "description": "A rate limit; see Retry-After."},
+            503: {
+                "model": ErrorOut,
+                "description": "stream=false: the reply failed before any text (the model "
+                "or Redis is unreachable; code: the notice's kind), or Redis is unreachable.",
+            },
+        },
     ),
     description=SSE_DOC,
 )

@@ -63,6 +63,12 @@ class ReplyOut(BaseModel):
         description="true: people answer this conversation now, so the bot did not; the "
         "message is kept for them and their reply comes as an `agent` message in the history.",
     )
+    recorded: bool = Field(
+        default=False,
+        description="true: this reply is in the conversation's history (the next message "
+        "sees it). false: it was not stored: cut short (a reset, a shutdown), failed, a "
+        "command's answer, or handed off; see `notices`.",
+    )
 
 
 class MessageOut(BaseModel):
@@ -140,9 +146,12 @@ EVENT_STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 SSE_DOC = (
     "Events, each with an `id:`: `reply` {reply_id}, then `delta` {text} as the reply "
     "grows, `notice` {kind, text, retry_after?} from Parley, and last `done` {reply_id, "
-    "text, notices, sources: [{title, link}], handed_off}. Comment lines keep an idle "
-    "stream open. While people answer the conversation (`handed_off`) the bot says nothing: "
-    "`done` comes with no text and `handed_off: true`."
+    "text, notices, sources: [{title, link}], handed_off, recorded}. Comment lines keep an "
+    "idle stream open. While people answer the conversation (`handed_off`) the bot says "
+    "nothing: `done` comes with no text and `handed_off: true`. `recorded: false` says the "
+    "reply is not in the history (cut short, failed, a command's answer). With stream=false, "
+    "a reply that failed before any text is a 503 whose code is the notice's kind "
+    "(model_unavailable, model_timed_out, store_unavailable...)."
 )
 Responses = dict[int | str, dict[str, Any]]
 ERRORS: Responses = {
@@ -160,7 +169,7 @@ ERRORS: Responses = {
 
 def streamed(description: str, errors: Responses) -> Responses:
     """The responses of an operation that answers with an event stream."""
-    return {200: {"description": description, "content": EVENT_STREAM}, **errors, **ERRORS}
+    return {200: {"description": description, "content": EVENT_STREAM}, **ERRORS, **errors}
 
 
 PEOPLE_ERRORS: Responses = {

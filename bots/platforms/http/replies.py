@@ -20,6 +20,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from bots.core.commands import find_command, parse_command
 from bots.core.models import (
     ConversationKey,
     Incoming,
@@ -30,6 +31,7 @@ from bots.core.models import (
     Sources,
 )
 from bots.core.service import ConversationService
+from bots.core.text import sanitize
 from bots.delivery.inflight import InFlight
 from bots.store.replies import RedisReplyLog
 
@@ -63,6 +65,7 @@ class Reply:
     notices: list[Notice] = field(default_factory=list)
     sources: tuple[Source, ...] = ()
     handed_off: bool = False  # people answer the conversation now, not the bot
+    recorded: bool = False  # the reply is in the conversation's history
     kept: Callable[[int, str, bytes], None] | None = None  # told of each event, to keep it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -191,6 +194,7 @@ class ReplyHub:
             return
         if any(notice.kind is NoticeKind.HANDED_OFF for notice in reply.notices):
             reply.handed_off = True  # this message handed the conversation to people
+        reply.recorded = bool(pieces) and not reply.handed_off and _stores(reply)
         self._finish(reply, pieces)
         if self._on_finished is not None and reply.text:
             await self._on_finished(reply)
@@ -210,6 +214,31 @@ class ReplyHub:
         await self._running.drain(grace)
 
 
+NOT_STORED = frozenset(
+    {
+        NoticeKind.MODEL_UNAVAILABLE,
+        NoticeKind.MODEL_REJECTED,
+        NoticeKind.MODEL_TIMED_OUT,
+        NoticeKind.REPLY_INTERRUPTED,
+        NoticeKind.STORE_UNAVAILABLE,
+        NoticeKind.KNOWLEDGE_UNAVAILABLE,
+        NoticeKind.RATE_LIMITED,
+        NoticeKind.BUDGET_SPENT,
+        NoticeKind.EMPTY_MESSAGE,
+    }
+)
+"""Notices that say the reply they come with was not stored as the conversation's."""
+
+
+def _stores(reply: Reply) -> bool:
+    """Whether the service stored this reply: a message's (or /retry's) answer that no
+    notice says was cut or failed; other commands' answers are never stored."""
+    command = parse_command(sanitize(reply.message))
+    if command is not None and not ((spec := find_command(command.name)) and spec.asks_model):
+        return False
+    return not any(notice.kind in NOT_STORED for notice in reply.notices)
+
+
 def notice_data(notice: Notice) -> dict[str, Any]:
     data: dict[str, Any] = {"kind": notice.kind.value, "text": notice.text}
     if notice.retry_after is not None:
@@ -224,4 +253,5 @@ def done_data(reply: Reply) -> dict[str, Any]:
         "notices": [notice_data(notice) for notice in reply.notices],
         "sources": [{"title": s.title, "link": s.link} for s in reply.sources],
         "handed_off": reply.handed_off,
+        "recorded": reply.recorded,
     }

@@ -39,6 +39,14 @@ from bots.settings import HttpSettings
 PLATFORM = "http"
 KEEPALIVE_S = 15.0
 LIMITED = (NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT)
+FAILED = (
+    NoticeKind.MODEL_UNAVAILABLE,
+    NoticeKind.MODEL_REJECTED,
+    NoticeKind.MODEL_TIMED_OUT,
+    NoticeKind.REPLY_INTERRUPTED,
+    NoticeKind.STORE_UNAVAILABLE,
+    NoticeKind.KNOWLEDGE_UNAVAILABLE,
+)
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 NO_KEY = "Send an API key: Authorization: Bearer pk_…"
 NO_CONVERSATION = "No such conversation: it starts with the user's first message."
@@ -114,6 +122,9 @@ class HttpServing:
         refusal = next((n for n in reply.notices if n.kind in LIMITED), None)
         if refusal is not None and not reply.text:
             raise limited(refusal.retry_after or 1.0, refusal.text)
+        failure = next((n for n in reply.notices if n.kind in FAILED), None)
+        if failure is not None and not reply.text:  # nothing to show: an error, not a 200
+            raise ApiError(503, failure.kind.value, failure.text, {"Retry-After": "5"})
         return ReplyOut.model_validate(done_data(reply))
 
     async def reply(
