@@ -41,8 +41,9 @@ from bots.core.line import ArrivalLine
 from bots.core.models import ConversationKey, Incoming
 from bots.core.service import ConversationService
 from bots.platforms.http.webhook import Webhook
-from bots.runtime import context_store, open_redis
+from bots.runtime import connect_redis, context_store
 from bots.settings import RedisSettings
+from bots.store.embedded import EmbeddedRedis
 from tests.conftest import free_port
 from tests.loopback import serve
 from tests.test_replicas import Replica, bots
@@ -54,11 +55,14 @@ SECRET = "whsec-bench-0123456789"
 
 @asynccontextmanager
 async def embedded_redis() -> AsyncIterator[tuple[Redis, str]]:
-    settings = RedisSettings()
+    """Redis 8 as Parley embeds it, on a loopback port the bot processes reach too."""
     with tempfile.TemporaryDirectory() as folder:
-        async with open_redis(settings, Path(folder)) as redis:
-            pool = redis.connection_pool.connection_kwargs
-            yield redis, f"redis://{pool['host']}:{pool['port']}/0"
+        async with EmbeddedRedis(Path(folder), port=free_port()) as url:
+            redis = connect_redis(url)
+            try:
+                yield redis, url
+            finally:
+                await redis.aclose()
 
 
 def show(samples: list[float]) -> str:

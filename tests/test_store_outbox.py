@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from redis.asyncio import Redis
 
-from bots.store.outbox import Delivery, Outbox, OutboxPolicy, Reject, Retry
+from bots.store.outbox import GROUP, READ_COUNT, Delivery, Outbox, OutboxPolicy, Reject, Retry
 
 FAST = OutboxPolicy(first_backoff=0.01, max_backoff=0.05, claim_after=30.0)
 
@@ -152,6 +152,22 @@ async def test_a_restart_sends_what_was_queued_and_what_was_in_hand(
     async with running(again):
         await receiver.until(lambda: len(receiver.got) == 4)
     assert [d.id for d in receiver.got] == ids
+
+
+async def test_a_restart_takes_up_more_held_deliveries_than_one_read_returns(
+    redis_client: Redis, stream: str
+) -> None:
+    receiver = Receiver()
+    first, _ = outbox(redis_client, stream, receiver)
+    held = READ_COUNT * 2 + 5
+    ids = [await first.put(f"c{n}", {"n": n}) for n in range(held)]
+    # As if consumer "a" read them all and stopped before sending one: all pending on it.
+    await redis_client.xgroup_create(stream, GROUP, id="0")
+    await redis_client.xreadgroup(GROUP, "a", {stream: ">"}, count=held)
+    again, _ = outbox(redis_client, stream, receiver)  # the same consumer, restarted
+    async with running(again):
+        await receiver.until(lambda: len(receiver.got) == held)
+    assert sorted(d.id for d in receiver.got) == sorted(ids)
 
 
 async def test_another_process_takes_over_from_one_that_died(

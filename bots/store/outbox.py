@@ -144,7 +144,11 @@ class Outbox:
         """Send until cancelled: first what this consumer held, then new and claimed ones."""
         await self._create_group()
         try:
-            await self._take(await self._read("0"))  # held before a restart
+            held, start = True, "0"
+            while held:  # what this consumer held before a restart, a page at a time
+                if held := await self._read(start):
+                    await self._take(held)
+                    start = held[-1][0]
             claimed_at = 0.0
             while True:
                 stop_if_cancelled()
