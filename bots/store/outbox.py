@@ -144,11 +144,11 @@ class Outbox:
         """Send until cancelled: first what this consumer held, then new and claimed ones."""
         await self._create_group()
         try:
-            held, start = True, "0"
-            while held:  # what this consumer held before a restart, a page at a time
-                if held := await self._read(start):
-                    await self._take(held)
-                    start = held[-1][0]
+            start: str | None = "0"
+            while start is not None:  # what this consumer held before a restart, by pages
+                held = await self._read(start)
+                await self._take(held)
+                start = held[-1][0] if held else None
             claimed_at = 0.0
             while True:
                 stop_if_cancelled()
