@@ -214,7 +214,7 @@ class ReplyHub:
         await self._running.drain(grace)
 
 
-NOT_STORED = frozenset(
+FAILED = frozenset(
     {
         NoticeKind.MODEL_UNAVAILABLE,
         NoticeKind.MODEL_REJECTED,
@@ -222,11 +222,10 @@ NOT_STORED = frozenset(
         NoticeKind.REPLY_INTERRUPTED,
         NoticeKind.STORE_UNAVAILABLE,
         NoticeKind.KNOWLEDGE_UNAVAILABLE,
-        NoticeKind.RATE_LIMITED,
-        NoticeKind.BUDGET_SPENT,
-        NoticeKind.EMPTY_MESSAGE,
     }
 )
+"""Notices that say the reply failed or was cut short."""
+NOT_STORED = FAILED | {NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT, NoticeKind.EMPTY_MESSAGE}
 """Notices that say the reply they come with was not stored as the conversation's."""
 
 

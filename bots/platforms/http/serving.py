@@ -33,20 +33,12 @@ from bots.platforms.http.protocol import (
     ReplyOut,
     UserIn,
 )
-from bots.platforms.http.replies import KeptReply, Reply, ReplyHub, done_data
+from bots.platforms.http.replies import FAILED, KeptReply, Reply, ReplyHub, done_data
 from bots.settings import HttpSettings
 
 PLATFORM = "http"
 KEEPALIVE_S = 15.0
 LIMITED = (NoticeKind.RATE_LIMITED, NoticeKind.BUDGET_SPENT)
-FAILED = (
-    NoticeKind.MODEL_UNAVAILABLE,
-    NoticeKind.MODEL_REJECTED,
-    NoticeKind.MODEL_TIMED_OUT,
-    NoticeKind.REPLY_INTERRUPTED,
-    NoticeKind.STORE_UNAVAILABLE,
-    NoticeKind.KNOWLEDGE_UNAVAILABLE,
-)
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 NO_KEY = "Send an API key: Authorization: Bearer pk_…"
 NO_CONVERSATION = "No such conversation: it starts with the user's first message."
