@@ -43,6 +43,12 @@ def percentile(samples: list[float], share: float) -> float:
     return statistics.quantiles(samples, n=1000, method="inclusive")[round(share * 1000) - 1]
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Render a Markdown table, as docs/BENCHMARKS.md keeps them."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
 def memory_mib(pid: int, field: str = "VmRSS") -> float:
     """A process's memory from /proc, in MiB: resident now (VmRSS) or at its peak (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

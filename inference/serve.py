@@ -8,7 +8,8 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,16 @@ from inference.settings import InferenceSettings
 
 Device = Literal["cpu", "gpu"]
 Served = Literal["chat", "embeddings"]
+# The CPU defaults, each chosen by `python -m bench.engine_batching` (docs/BENCHMARKS.md,
+# "Engine figures"): KV blocks of 32 tokens, not vLLM's 128 (the same speed for one chat,
+# 6% more tokens/s at 32 and a better prefix cache); eager, not compiled (the same speed
+# for one chat, 8% less at 32, ready in 23.5 s instead of 66.8 s); every core to the
+# engine, its OpenMP threads bound to them (unbound: 0.73x the tokens/s of one chat).
 CPU_BLOCK_SIZE = 32
+# Flags of CPUs that compute bfloat16 natively. There the chat model runs in bfloat16
+# (1.44x float32's tokens/s for one chat, 1.79x at 32, the same held-out loss); elsewhere
+# in float32, as bfloat16 falls back to plain PyTorch on AVX2 alone, several times slower.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 class EngineMissing(RuntimeError):
@@ -82,18 +92,47 @@ def lora_args(adapters: list[Adapter], max_loras: int) -> list[str]:
 
 @dataclass(frozen=True)
 class EngineLaunch:
+    """A vLLM server's command line, the environment it needs, and the variables it gets
+    unless the environment already sets them (vLLM's own tuning, for an operator to change)."""
+
     argv: list[str]
     env: dict[str, str]
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The server's whole environment, on top of `base` (this process's)."""
+        return {**self.defaults, **base, **self.env}
 
 
-def engine_launch(settings: InferenceSettings, model: str, device: Device) -> EngineLaunch:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Return the CPU's feature flags as Linux lists them (none where it lists none)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return frozenset()
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    return frozenset(flags.partition(":")[2].split())
+
+
+def chat_dtype(settings: InferenceSettings, device: Device, flags: frozenset[str]) -> str:
+    """The chat model's dtype: the one set, else the fastest for the device."""
+    if settings.dtype != "auto" or device != "cpu":
+        return settings.dtype
+    return "bfloat16" if flags & BF16_FLAGS else "float32"
+
+
+def engine_launch(
+    settings: InferenceSettings, model: str, device: Device, flags: frozenset[str] | None = None
+) -> EngineLaunch:
     """Build the command line and environment that start vLLM for these settings.
 
-    The API key travels in the environment (VLLM_API_KEY), never on the command line,
-    where any user of the machine could read it.
+    `flags` are the CPU's (read from /proc/cpuinfo when not given). The API key travels
+    in the environment (VLLM_API_KEY), never on the command line, where any user of the
+    machine could read it.
     """
+    dtype = chat_dtype(settings, device, cpu_flags() if flags is None else flags)
     launch = _server(
-        settings, device, model, settings.served_model_name, settings.port,
+        settings, device, model, dtype, settings.served_model_name, settings.port,
         settings.kv_cache_gib, settings.gpu_memory_utilization,
     )  # fmt: skip
     launch.argv.extend([
@@ -122,8 +161,11 @@ def embedding_launch(settings: InferenceSettings, model: str, device: Device) ->
     vLLM serves one model per process, so the knowledge base's embeddings get their own,
     on their own port, beside the chat model's.
     """
+    # float32 on a CPU: not measured in bfloat16, and a knowledge base's vectors must
+    # keep coming from the same dtype as those already stored.
+    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
     launch = _server(
-        settings, device, model, settings.embed_served_model_name, settings.embed_port,
+        settings, device, model, dtype, settings.embed_served_model_name, settings.embed_port,
         settings.embed_kv_cache_gib, settings.embed_gpu_memory_utilization,
     )  # fmt: skip
     launch.argv.extend(["--runner", "pooling", *shlex.split(settings.embed_extra_args)])
@@ -134,15 +176,15 @@ def _server(
     settings: InferenceSettings,
     device: Device,
     model: str,
+    dtype: str,
     name: str,
     port: int,
-    kv_cache_gib: float,
+    kv_cache_gib: int,
     gpu_share: float,
 ) -> EngineLaunch:
     """What every vLLM server Parley starts shares: the model, the address, the fast
     flags for the device, its memory, and the API key in the environment."""
     eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
-    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
@@ -153,16 +195,16 @@ def _server(
     ]  # fmt: skip
     if eager:
         argv.append("--enforce-eager")
-    env = {"HF_HUB_OFFLINE": "1"}
+    env, defaults = {"HF_HUB_OFFLINE": "1"}, {}
     if device == "cpu":
-        # Both cores for the engine; the KV cache is sized in GiB of RAM.
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        # The KV cache is sized in GiB of RAM; every core goes to the engine.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        defaults["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     else:
         argv += ["--gpu-memory-utilization", str(gpu_share)]
     if settings.api_key is not None:
         env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
-    return EngineLaunch(argv, env)
+    return EngineLaunch(argv, env, defaults)
 
 
 def resolve_model(settings: InferenceSettings) -> str:
@@ -184,4 +226,4 @@ def serve(settings: InferenceSettings, served: Served = "chat") -> None:
         launch = engine_launch(settings, resolve_model(settings), device)
     else:
         launch = embedding_launch(settings, resolve_embedding_model(settings), device)
-    os.execve(launch.argv[0], launch.argv, {**os.environ, **launch.env})
+    os.execve(launch.argv[0], launch.argv, launch.environment(os.environ))

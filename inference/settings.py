@@ -27,7 +27,8 @@ class InferenceSettings(BaseSettings):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     dtype: str = Field(default="auto", pattern=r"^(auto|float32|float16|bfloat16)$")
     max_model_len: int = Field(default=8192, ge=128)
-    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size on a CPU.")
+    # Whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer and fails on "1.5".
+    kv_cache_gib: int = Field(default=2, ge=1, description="KV cache size on a CPU, in GiB.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enforce_eager: bool | None = Field(
         default=None, description="Skip graph compilation; unset: on for CPU, off for GPU."
@@ -51,7 +52,7 @@ class InferenceSettings(BaseSettings):
     )
     embed_served_model_name: str = "parley-embed"
     embed_port: int = Field(default=8001, ge=1, le=65535)
-    embed_kv_cache_gib: float = Field(default=1.0, gt=0, description="Its KV cache on a CPU.")
+    embed_kv_cache_gib: int = Field(default=1, ge=1, description="Its KV cache on a CPU, GiB.")
     embed_gpu_memory_utilization: float = Field(
         default=0.05, gt=0, lt=1, description="Its share of a GPU, beside the chat model's."
     )

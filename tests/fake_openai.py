@@ -26,6 +26,8 @@ class Reply:
     chunk_chars: int = 4
     delay: float = 0.0
     drop_after: int | None = None  # close the connection after this many chunks
+    finish_reason: str = "stop"
+    usage: bool = True  # False: no usage event, as llama-cpp-python streams
 
 
 @dataclass(frozen=True)
@@ -190,9 +192,10 @@ class FakeOpenAI:
                 await writer.drain()
                 pending.clear()
         usage = {"prompt_tokens": 10, "completion_tokens": len(pieces)}
+        finish = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}
         pending += [
-            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-            self._event({"choices": [], "usage": usage}),
+            self._event({"choices": [finish]}),
+            *([self._event({"choices": [], "usage": usage})] if reply.usage else []),
             self._chunk(b"data: [DONE]\n\n"),
             self._chunk(b""),
         ]

@@ -118,11 +118,15 @@ async def test_the_http_channel_streams_the_engines_reply(
         http_process(env),
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as api,
     ):
-        question = {"text": "What is the capital of France?"}
+        # Greedy answers to such questions can flip on a near-tie with the dtype: France's
+        # first token is "The" 15% or "L" 14% in float32, and bfloat16 (the default on CPUs
+        # that compute it) goes on "L'Étoile…"; Italy goes wrong in float32 instead. Japan's
+        # answer is the same in both.
+        question = {"text": "What is the capital of Japan?"}
         async with api.stream("POST", "/v1/conversations/e2e/messages", json=question) as r:
             got = await read_events(r)
         assert got[0].kind == "reply" and got[-1].kind == "done"
         assert sum(e.kind == "delta" for e in got) > 1, "the reply streamed in pieces"
-        assert "Paris" in reply_text(got) == got[-1].data["text"]
+        assert "Tokyo" in reply_text(got) == got[-1].data["text"]
         history = (await api.get("/v1/conversations/e2e/messages")).json()["messages"]
         assert [m["content"] for m in history] == [question["text"], reply_text(got)]

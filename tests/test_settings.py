@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from bots.settings import BotSettings, SettingsError, env_names, load_settings
-from inference.serve import discover_adapters, embedding_launch, engine_launch
+from inference.serve import cpu_flags, discover_adapters, embedding_launch, engine_launch
 from inference.settings import InferenceSettings
 from tests.conftest import ROOT
 
@@ -55,9 +55,13 @@ def test_inference_variables_are_prefixed(monkeypatch: pytest.MonkeyPatch) -> No
         load_settings(InferenceSettings)
 
 
+AVX2 = frozenset({"avx", "avx2", "fma"})
+AMX = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
 def test_the_api_key_never_reaches_the_command_line() -> None:
     settings = InferenceSettings(api_key="sk-very-secret", _env_file=None)  # type: ignore[arg-type, call-arg]
-    launch = engine_launch(settings, "/models/m", "cpu")
+    launch = engine_launch(settings, "/models/m", "cpu", AVX2)
     assert not any("sk-very-secret" in arg for arg in launch.argv)
     assert launch.env["VLLM_API_KEY"] == "sk-very-secret"
     assert launch.argv[launch.argv.index("--dtype") :][:2] == ["--dtype", "float32"]
@@ -65,6 +69,40 @@ def test_the_api_key_never_reaches_the_command_line() -> None:
     assert launch.argv[launch.argv.index("--block-size") + 1] == "32"
     assert "--enable-prefix-caching" in launch.argv
     assert "--enable-tokenizer-info-endpoint" in launch.argv
+
+
+def test_the_chat_model_runs_in_bfloat16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
+    def dtype(flags: frozenset[str], setting: str = "auto") -> str:
+        chosen = InferenceSettings(_env_file=None, dtype=setting)  # type: ignore[call-arg]
+        argv = engine_launch(chosen, "m", "cpu", flags).argv
+        return argv[argv.index("--dtype") + 1]
+
+    assert dtype(AMX) == "bfloat16" and dtype(AVX2) == "float32"
+    assert dtype(AMX, "float32") == "float32" and dtype(AVX2, "bfloat16") == "bfloat16"
+    embed = embedding_launch(InferenceSettings(_env_file=None), "e", "cpu").argv  # type: ignore[call-arg]
+    assert embed[embed.index("--dtype") + 1] == "float32", "stored vectors keep their dtype"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_vllm_tuning_variables_in_the_environment_win_over_parleys_choice() -> None:
+    settings = InferenceSettings(api_key="sk-k", _env_file=None)  # type: ignore[arg-type, call-arg]
+    launch = engine_launch(settings, "/models/m", "cpu")
+    assert launch.environment({})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    operator = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_API_KEY": "stale", "PATH": "/bin"}
+    env = launch.environment(operator)
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1" and env["PATH"] == "/bin"
+    assert env["VLLM_API_KEY"] == "sk-k", "the settings' key, not a stray variable"
+
+
+def test_a_kv_cache_of_part_of_a_gib_is_refused_before_vllm_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INFERENCE_KV_CACHE_GIB", "1.5")
+    with pytest.raises(SettingsError, match="INFERENCE_KV_CACHE_GIB"):
+        load_settings(InferenceSettings)
 
 
 def test_gpu_launch_compiles_and_keeps_the_model_dtype() -> None:
@@ -120,7 +158,7 @@ def test_adapters_are_served_under_names_that_change_with_their_weights(tmp_path
     adapter("sales", b"other weights", 12)
     (tmp_path / "not-an-adapter").mkdir()
     settings = InferenceSettings(lora_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
-    argv = engine_launch(settings, "m", "cpu").argv
+    argv = engine_launch(settings, "m", "cpu", AVX2).argv
     first = [a.name for a in discover_adapters(tmp_path)]
     assert [name.rsplit("-", 1)[0] for name in first] == ["sales", "support"]
     modules = argv[argv.index("--lora-modules") + 1 : argv.index("--max-lora-rank")]
