@@ -65,4 +65,4 @@ bench: setup model
 	$(PY) -m bench.finetune
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-llama .pytest_cache .mypy_cache .ruff_cache
