@@ -45,6 +45,7 @@ import psutil
 
 from bench.common import ROOT, machine, markdown_table, percentile
 from bench.llama_cpp import server_argv
+from bots.children import stop_child
 from inference.prepare import bundled_gguf, prepare_default_model
 from inference.serve import cpu_flags
 from tests.conftest import free_port
@@ -217,8 +218,10 @@ async def held_out_loss(target: Target) -> float:
             response = await client.post(
                 target.base_url + "/completions", json=body, headers=target.headers
             )
+            if response.status_code != 200:
+                return math.nan
             logprobs = response.json().get("choices", [{}])[0].get("prompt_logprobs")
-            if response.status_code != 200 or not logprobs:
+            if not logprobs:
                 return math.nan
             # The first token has none; each other's own token is the one listed first.
             scored += [next(iter(p.values()))["logprob"] for p in logprobs[1:] if p]
@@ -298,13 +301,7 @@ async def serving(
         yield Served(Target(base_url), time.perf_counter() - started, memory)
     finally:
         sampling.cancel()
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 60)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_child(process, 60)
 
 
 @dataclass(frozen=True)
@@ -392,23 +389,24 @@ def transformers_chats(tokens: int, chats: int, reply: Any) -> None:
     started = time.perf_counter()
     answers = [generate(QUESTIONS[i % len(QUESTIONS)]) for i in range(chats)]
     seconds = time.perf_counter() - started
-    peak = psutil.Process().memory_full_info().pss / 2**20
-    reply.send((seconds, answers, peak))
+    reply.send((seconds, answers))
 
 
 def transformers_row(tokens: int) -> Row:
     """transformers `generate`, one chat after another, in a process of its own."""
-    chats = chats_at(1)
-    receive, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
-    child = multiprocessing.get_context("spawn").Process(
-        target=transformers_chats, args=(tokens, chats, send)
-    )
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=transformers_chats, args=(tokens, chats_at(1), send))
     child.start()
-    seconds, answers, peak = receive.recv()
+    assert child.pid is not None
+    memory = PeakMemory(child.pid)  # sampled as the servers' are, until it answers
+    while not receive.poll(0.5):
+        memory.sample()
+    seconds, answers = receive.recv()
     child.join()
     # It streams nothing: the first token comes with the whole answer.
     name = "transformers `generate`, float32, one chat after another"
-    return Row(name, [Level(1, seconds, answers)], peak_mib=peak)
+    return Row(name, [Level(1, seconds, answers)], peak_mib=memory.peak)
 
 
 def show(value: float, unit: str = "", digits: int = 2) -> str:
@@ -491,10 +489,9 @@ def options() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def first_model(base_url: str, api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+async def first_model(target: Target) -> str:
     async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-        response = await client.get(base_url.rstrip("/") + "/models", headers=headers)
+        response = await client.get(target.base_url + "/models", headers=target.headers)
         response.raise_for_status()
         return str(response.json()["data"][0]["id"])
 
@@ -503,9 +500,9 @@ async def run(args: argparse.Namespace) -> None:
     levels = [int(count) for count in args.chats.split(",")]
     if args.url:
         base_url = args.url.rstrip("/")
-        model = args.model or await first_model(base_url, args.api_key)
-        target = Target(base_url, model, args.api_key)
-        rows = [Row(f"{model} at {base_url}", await measure(target, levels, args.tokens))]
+        unnamed = Target(base_url, api_key=args.api_key)
+        target = Target(base_url, args.model or await first_model(unnamed), args.api_key)
+        rows = [Row(f"{target.model} at {base_url}", await measure(target, levels, args.tokens))]
         print(engine_table(rows, None))
         return
     chosen = args.engines.split(",")

@@ -114,8 +114,8 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset(flags.partition(":")[2].split())
 
 
-def chat_dtype(settings: InferenceSettings, device: Device, flags: frozenset[str]) -> str:
-    """The chat model's dtype: the one set, else the fastest for the device."""
+def engine_dtype(settings: InferenceSettings, device: Device, flags: frozenset[str]) -> str:
+    """The dtype to serve in: the one set, else the fastest for the device and CPU flags."""
     if settings.dtype != "auto" or device != "cpu":
         return settings.dtype
     return "bfloat16" if flags & BF16_FLAGS else "float32"
@@ -130,7 +130,7 @@ def engine_launch(
     in the environment (VLLM_API_KEY), never on the command line, where any user of the
     machine could read it.
     """
-    dtype = chat_dtype(settings, device, cpu_flags() if flags is None else flags)
+    dtype = engine_dtype(settings, device, cpu_flags() if flags is None else flags)
     launch = _server(
         settings, device, model, dtype, settings.served_model_name, settings.port,
         settings.kv_cache_gib, settings.gpu_memory_utilization,
@@ -161,9 +161,9 @@ def embedding_launch(settings: InferenceSettings, model: str, device: Device) ->
     vLLM serves one model per process, so the knowledge base's embeddings get their own,
     on their own port, beside the chat model's.
     """
-    # float32 on a CPU: not measured in bfloat16, and a knowledge base's vectors must
-    # keep coming from the same dtype as those already stored.
-    dtype = "float32" if settings.dtype == "auto" and device == "cpu" else settings.dtype
+    # As on a CPU without bfloat16 (float32): not measured in bfloat16, and a knowledge
+    # base's vectors must keep coming from the same dtype as those already stored.
+    dtype = engine_dtype(settings, device, flags=frozenset())
     launch = _server(
         settings, device, model, dtype, settings.embed_served_model_name, settings.embed_port,
         settings.embed_kv_cache_gib, settings.embed_gpu_memory_utilization,
